@@ -1,0 +1,487 @@
+"""TaylorPruningCallback: iterative global pruning during fine-tuning (Molchanov et al., CVPR 2019)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+from typing_extensions import override
+
+from lightning_prune.dependency import GATE_PLACEMENTS, DependencyGraph, build_dependency_graph
+from lightning_prune.errors import PruningConfigurationError, UnsupportedModelError, UnsupportedStrategyError
+from lightning_prune.importance import Criterion, GateGradients, get_criterion
+from lightning_prune.pruner import CostModel, NeuronMasks, NeuronSelector, neuron_scores, reset_optimizer_state
+from lightning_prune.pruner.history import PruningRecord, write_history
+
+_UNSUPPORTED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
+
+
+class TaylorPruningCallback(Callback):
+    r"""Remove the globally least important neurons every few optimizer steps while fine-tuning.
+
+    Gates ``z = 1`` sit on every BatchNorm output (and on Conv/Linear outputs with no BatchNorm after
+    them); the importance of a neuron is computed by ``criterion`` from the gate gradients of each
+    optimizer step, averaged over the steps between two pruning steps and smoothed across pruning
+    steps by an exponential moving average. Channels tied by residual additions form one neuron.
+
+    Args:
+        criterion: name in the criteria registry (see ``lightning_prune.available_criteria()``) or a
+            :class:`~lightning_prune.importance.Criterion` instance.
+        prune_every_n_batches: optimizer steps between two pruning steps (K).
+        neurons_per_step: neurons removed per pruning step; an ``int``, or a ``float`` in (0, 1) for a
+            fraction of the initial prunable neurons.
+        keep_ratio: fraction of the prunable neurons left at the end. Give this or ``num_to_prune``.
+        num_to_prune: number of neurons to remove in total.
+        ema: weight of the past in the moving average of importance across pruning steps (0: none).
+        reset_momentum: clear the optimizer state (momentum buffers) once the target is reached.
+        gate_placement: ``"after_bn"`` (the paper's best) or ``"before_bn"``.
+        min_channels: channels every gated layer keeps at least.
+        ignored_modules: qualified module names (and their children) never pruned.
+        leaf_modules: modules that tracing must not enter (their channels stay unpruned).
+        prune_residual: also prune channels tied by residual connections (``False`` is the paper's "No skip").
+        max_loss: stop pruning early once the smoothed training loss exceeds this value.
+        loss_smoothing: weight of the past in the training loss' moving average.
+        module_name: the submodule of the LightningModule holding the network. By default the
+            LightningModule itself, or the first direct child it calls if its own forward is unused.
+        example_input: an input for tracing; by default ``example_input_array``, or the first input the
+            network sees.
+        gate_gradient: ``"auto"`` reads gate gradients from parameter gradients where exact (no overhead),
+            ``"hooks"`` always uses explicit gates. Use ``"hooks"`` if the loss adds a penalty on the weights.
+        history_dir: where ``pruning_history.{json,csv}`` go; by default the trainer's log dir.
+        criterion_kwargs: arguments for the criterion's constructor (e.g. ``{"seed": 1}`` for ``random``).
+    """
+
+    def __init__(
+        self,
+        criterion: str | Criterion = "taylor_fo_bn",
+        prune_every_n_batches: int = 10,
+        neurons_per_step: int | float = 0.02,
+        keep_ratio: float | None = None,
+        num_to_prune: int | None = None,
+        ema: float = 0.9,
+        reset_momentum: bool = True,
+        *,
+        gate_placement: Literal["after_bn", "before_bn"] = "after_bn",
+        min_channels: int = 1,
+        ignored_modules: Sequence[str] = (),
+        leaf_modules: Sequence[str] = (),
+        prune_residual: bool = True,
+        max_loss: float | None = None,
+        loss_smoothing: float = 0.9,
+        module_name: str | None = None,
+        example_input: Any = None,
+        gate_gradient: Literal["auto", "hooks"] = "auto",
+        history_dir: str | None = None,
+        criterion_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        _check(isinstance(prune_every_n_batches, int) and prune_every_n_batches >= 1,
+               f"prune_every_n_batches must be a positive int, got {prune_every_n_batches!r}")  # fmt: skip
+        is_int = isinstance(neurons_per_step, int) and not isinstance(neurons_per_step, bool)
+        _check((is_int and neurons_per_step >= 1) or (isinstance(neurons_per_step, float) and 0 < neurons_per_step < 1),
+               f"neurons_per_step must be an int >= 1 or a float in (0, 1), got {neurons_per_step!r}")  # fmt: skip
+        _check((keep_ratio is None) != (num_to_prune is None),
+               "give exactly one of keep_ratio and num_to_prune")  # fmt: skip
+        _check(keep_ratio is None or (isinstance(keep_ratio, (int, float)) and 0 < keep_ratio < 1),
+               f"keep_ratio must be in (0, 1), got {keep_ratio!r}")  # fmt: skip
+        _check(num_to_prune is None or (isinstance(num_to_prune, int) and num_to_prune >= 1),
+               f"num_to_prune must be a positive int, got {num_to_prune!r}")  # fmt: skip
+        _check(0 <= ema < 1, f"ema must be in [0, 1), got {ema!r}")
+        _check(0 <= loss_smoothing < 1, f"loss_smoothing must be in [0, 1), got {loss_smoothing!r}")
+        _check(gate_placement in GATE_PLACEMENTS, f"gate_placement must be one of {GATE_PLACEMENTS}, got {gate_placement!r}")
+        _check(isinstance(min_channels, int) and min_channels >= 1, f"min_channels must be an int >= 1, got {min_channels!r}")
+        _check(max_loss is None or max_loss > 0, f"max_loss must be positive, got {max_loss!r}")
+        _check(gate_gradient in ("auto", "hooks"), f"gate_gradient must be 'auto' or 'hooks', got {gate_gradient!r}")
+        self.criterion = get_criterion(criterion, **(criterion_kwargs or {}))
+        self.prune_every_n_batches = prune_every_n_batches
+        self.neurons_per_step = neurons_per_step
+        self.keep_ratio = keep_ratio
+        self.num_to_prune = num_to_prune
+        self.ema = ema
+        self.reset_momentum = reset_momentum
+        self.gate_placement = gate_placement
+        self.min_channels = min_channels
+        self.ignored_modules = tuple(ignored_modules)
+        self.leaf_modules = tuple(leaf_modules)
+        self.prune_residual = prune_residual
+        self.max_loss = max_loss
+        self.loss_smoothing = loss_smoothing
+        self.module_name = module_name
+        self.example_input = example_input
+        self.gate_gradient = gate_gradient
+        self.history_dir = history_dir
+
+        self.graph: DependencyGraph | None = None
+        self.importance: dict[str, torch.Tensor] = {}
+        self.history: list[PruningRecord] = []
+        self.num_pruned = 0
+        self.done = False
+        self.stop_reason: str | None = None
+        self.initial_flops: float | None = None
+        self.initial_params: int | None = None
+        self._alive: torch.Tensor | None = None
+        self._initial_prunable = 0
+        self._target = 0
+        self._step_size = 0
+        self._grads: GateGradients | None = None
+        self._interval_sum: dict[str, torch.Tensor] = {}
+        self._interval_count: torch.Tensor | int = 0
+        self._steps_in_interval = 0
+        self._last_step = -1
+        self._loss: torch.Tensor | None = None
+        self._pending_state: dict[str, Any] | None = None
+        self._capture_handles: list[RemovableHandle] = []
+
+    # -- public views ----------------------------------------------------------------------------------------
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        """Qualified name of each gated layer -> bool per output channel, True where the neuron is kept."""
+        if self.graph is None or self._alive is None:
+            return {}
+        return {name: self._alive[gate.neurons].clone() for name, gate in self.graph.gates.items()}
+
+    @property
+    def neurons_remaining(self) -> int:
+        return self._initial_prunable - self.num_pruned
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(criterion=self.criterion.name, placement=self.gate_placement)
+
+    # -- set-up ------------------------------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if isinstance(trainer.strategy, _UNSUPPORTED_STRATEGIES):
+            raise UnsupportedStrategyError(
+                f"TaylorPruningCallback does not support {type(trainer.strategy).__name__}: it shards parameters, "
+                "so channels can't be masked consistently. Use strategy='ddp' (or a single device)."
+            )
+        if self.module_name is not None:
+            try:
+                pl_module.get_submodule(self.module_name)
+            except AttributeError as err:
+                raise PruningConfigurationError(f"module_name {self.module_name!r} is not a submodule: {err}") from err
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.graph is not None:  # fitting again with the same callback
+            if self._grads is not None and not self.done:
+                self._grads.detach()
+                self._grads.attach()
+            return
+        example = self.example_input
+        if example is None and self.module_name is None:
+            example = pl_module.example_input_array
+        if example is not None:
+            self._initialize(trainer, pl_module, self.module_name or "", move_data_to_device(example, pl_module.device))
+            return
+        # no example input: analyse the network on the first input it is called with
+        targets = [(self.module_name, pl_module.get_submodule(self.module_name))] if self.module_name else [
+            ("", pl_module), *((n, m) for n, m in pl_module.named_children() if any(True for _ in m.parameters()))
+        ]  # fmt: skip
+        for name, module in targets:
+            self._capture_handles.append(
+                module.register_forward_pre_hook(self._capture_hook(trainer, pl_module, name), with_kwargs=True)
+            )
+
+    def _capture_hook(self, trainer: pl.Trainer, pl_module: pl.LightningModule, name: str):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            for handle in self._capture_handles:
+                handle.remove()
+            self._capture_handles.clear()
+            self._initialize(trainer, pl_module, name, kwargs if kwargs and not args else args)
+
+        return hook
+
+    @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        if self.graph is None:
+            raise UnsupportedModelError(
+                "TaylorPruningCallback never saw the network's input: set `example_input_array` on the "
+                "LightningModule, or pass `example_input=` / `module_name=` to the callback."
+            )
+
+    def _initialize(self, trainer: pl.Trainer, pl_module: pl.LightningModule, name: str, example: Any) -> None:
+        network = pl_module.get_submodule(name) if name else pl_module
+        prefix = f"{name}." if name else ""
+        graph = build_dependency_graph(
+            network,
+            example,
+            placement=self.gate_placement,
+            ignored_modules=self.ignored_modules,
+            leaf_modules=[n[len(prefix):] for n in self.leaf_modules if n.startswith(prefix)],
+            prune_residual=self.prune_residual,
+            prefix=prefix,
+        )
+        self.criterion.setup(graph)
+        self._selector = NeuronSelector(graph, self.min_channels)
+        self._masks = NeuronMasks(graph)
+        self._cost = CostModel(network, example, graph, prefix)
+        self.graph = graph
+        all_alive = torch.ones(graph.num_neurons, dtype=torch.bool)
+        self._alive = all_alive.clone()
+        self._initial_prunable = graph.num_prunable
+        self.initial_flops, self.initial_params = self._cost.flops(all_alive), self._cost.params(all_alive)
+        self._plan(self._selector.max_removable(all_alive))
+        if self._pending_state is not None:
+            self._restore(self._pending_state)
+            self._pending_state = None
+        if self.criterion.data_driven and not self.done:
+            self._grads = GateGradients(
+                graph.gates.values(), per_sample=self.criterion.per_sample, force_hooks=self.gate_gradient == "hooks"
+            )
+            self._grads.attach()
+        self._last_step = trainer.global_step
+        rank_zero_info(
+            f"TaylorPruningCallback: {graph.describe()}; removing {self._target} neurons, "
+            f"{self._step_size} every {self.prune_every_n_batches} optimizer steps ({self.criterion.name})."
+        )
+
+    def _plan(self, max_removable: int) -> None:
+        prunable = self._initial_prunable
+        if self.keep_ratio is not None:
+            self._target = prunable - round(self.keep_ratio * prunable)
+        else:
+            self._target = self.num_to_prune
+        if isinstance(self.neurons_per_step, float):
+            self._step_size = max(1, round(self.neurons_per_step * prunable))
+        else:
+            self._step_size = self.neurons_per_step
+        if self._target < 1:
+            raise PruningConfigurationError(
+                f"impossible target: keep_ratio={self.keep_ratio} of {prunable} prunable neurons removes none"
+            )
+        if self._target > max_removable:
+            raise PruningConfigurationError(
+                f"impossible target: {self._target} neurons to remove, but at most {max_removable} of the "
+                f"{prunable} prunable neurons can go while every layer keeps min_channels={self.min_channels}"
+            )
+
+    # -- importance accumulation -----------------------------------------------------------------------------
+    @override
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._grads is not None and not self.done:
+            self._grads.collect(scale=_loss_scale(trainer), world_size=trainer.world_size)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self._grads is not None and not self.done and self._grads.finish(trainer.world_size):
+            scores = self.criterion.step_scores(self._grads)
+            finite = torch.stack([s.isfinite().all() for s in scores.values()]).all()
+            for name, value in scores.items():
+                value = torch.where(finite, value, torch.zeros_like(value))
+                self._interval_sum[name] = self._interval_sum[name] + value if name in self._interval_sum else value
+            self._interval_count = self._interval_count + finite.long()
+        if self._grads is not None:
+            self._grads.reset()
+        if self.num_pruned:
+            self._masks.zero_gradients()
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.graph is None:
+            return
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor):
+            loss = loss.detach().float()
+            self._loss = loss if self._loss is None else self.loss_smoothing * self._loss + (1 - self.loss_smoothing) * loss
+        pl_module.log("neurons", float(self.neurons_remaining), prog_bar=True, logger=False)
+        if trainer.global_step == self._last_step:
+            return  # accumulating gradients: no optimizer step yet
+        self._last_step = trainer.global_step
+        if self.num_pruned:
+            self._masks.zero_parameters()  # any optimizer, any update rule: removed weights stay zero
+        if self.done:
+            return
+        self._steps_in_interval += 1
+        if self._steps_in_interval >= self.prune_every_n_batches:
+            self._prune_step(trainer, pl_module)
+
+    # -- pruning ---------------------------------------------------------------------------------------------
+    def _prune_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self.graph is not None and self._alive is not None
+        steps, self._steps_in_interval = self._steps_in_interval, 0
+        if self.criterion.data_driven:
+            counted = int(self._interval_count)
+            if counted < steps:
+                rank_zero_warn(f"{steps - counted} of the last {steps} steps had a non-finite importance; skipped them.")
+            if counted == 0:
+                return
+            average = {n: (s / counted).cpu() for n, s in self._interval_sum.items()}
+            self._interval_sum, self._interval_count = {}, 0
+            self.importance = (
+                {n: self.ema * self.importance[n] + (1 - self.ema) * average[n] for n in average}
+                if self.importance
+                else average
+            )
+        else:
+            self.importance = self.criterion.static_scores(self.graph)
+        loss = None if self._loss is None else float(self._loss)
+        if self.max_loss is not None and loss is not None and loss > self.max_loss:
+            stop = True
+            chosen = torch.empty(0, dtype=torch.long)
+        else:
+            count = min(self._step_size, self._target - self.num_pruned)
+            chosen = self._selector.select(neuron_scores(self.graph, self.importance), self._alive, count)
+            stop = False
+        # one decision for every rank, even if floating point ever differed between them
+        chosen, stop = trainer.strategy.broadcast((chosen, stop))
+        if stop:
+            self._finish(trainer, f"smoothed training loss {loss:.4f} exceeded max_loss={self.max_loss}")
+            return
+        self._remove(trainer, chosen, loss)
+        if self.num_pruned >= self._target:
+            self._finish(trainer, "target reached")
+
+    def _remove(self, trainer: pl.Trainer, chosen: torch.Tensor, loss: float | None) -> None:
+        assert self.graph is not None and self._alive is not None
+        self._alive[chosen] = False
+        self.num_pruned += chosen.numel()
+        self._masks.update(~self._alive)
+        self._masks.zero_parameters()
+        self._masks.zero_optimizer_state(trainer.optimizers)
+        removed_set = set(chosen.tolist())
+        removed = [
+            {"layer": name, "index": c}
+            for name, gate in self.graph.gates.items()
+            for c, n in enumerate(gate.neurons.tolist())
+            if n in removed_set
+        ]
+        record = PruningRecord(
+            step=trainer.global_step,
+            epoch=trainer.current_epoch,
+            neurons_removed=chosen.numel(),
+            neurons_pruned=self.num_pruned,
+            neurons_remaining=self.neurons_remaining,
+            loss=loss,
+            flops=self._cost.flops(self._alive),
+            params=self._cost.params(self._alive),
+            removed=removed,
+        )
+        self.history.append(record)
+        self._log(trainer, record)
+
+    def _finish(self, trainer: pl.Trainer, reason: str) -> None:
+        self.done = True
+        self.stop_reason = reason
+        if self.reset_momentum:
+            reset_optimizer_state(trainer.optimizers)
+        if self._grads is not None:
+            self._grads.detach()
+        self._interval_sum, self._interval_count = {}, 0
+        rank_zero_info(f"TaylorPruningCallback: pruning finished ({reason}) with {self.num_pruned} neurons removed.")
+
+    # -- logging ---------------------------------------------------------------------------------------------
+    def _log(self, trainer: pl.Trainer, record: PruningRecord) -> None:
+        if not trainer.is_global_zero:
+            return
+        metrics = {
+            "pruning/neurons_pruned": record.neurons_pruned,
+            "pruning/neurons_remaining": record.neurons_remaining,
+            "pruning/flops": record.flops,
+            "pruning/params": record.params,
+            "pruning/flops_kept": record.flops / self.initial_flops if self.initial_flops else 1.0,
+        }
+        for name, mask in self.masks.items():
+            metrics[f"pruning/channels/{name}"] = int(mask.sum())
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        self._write_history(trainer)
+
+    def _write_history(self, trainer: pl.Trainer) -> None:
+        if trainer.is_global_zero:
+            write_history(self.history, self.history_dir or trainer.log_dir or trainer.default_root_dir)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.history:
+            self._write_history(trainer)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._grads is not None:
+            self._grads.detach()
+        for handle in self._capture_handles:
+            handle.remove()
+        self._capture_handles.clear()
+
+    # -- checkpointing ---------------------------------------------------------------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        if self.graph is None:
+            return dict(self._pending_state or {})
+        return {
+            "alive": self._alive.clone(),
+            "importance": {n: v.clone() for n, v in self.importance.items()},
+            "interval_sum": {n: v.detach().cpu().clone() for n, v in self._interval_sum.items()},
+            "interval_count": int(self._interval_count),
+            "steps_in_interval": self._steps_in_interval,
+            "num_pruned": self.num_pruned,
+            "initial_prunable": self._initial_prunable,
+            "done": self.done,
+            "stop_reason": self.stop_reason,
+            "loss": None if self._loss is None else float(self._loss),
+            "history": [r.as_dict() for r in self.history],
+            "criterion": self.criterion.state_dict(),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        if self.graph is None:
+            self._pending_state = dict(state_dict)
+        else:
+            self._restore(state_dict)
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        assert self.graph is not None
+        alive = state["alive"]
+        if alive.numel() != self.graph.num_neurons or state["initial_prunable"] != self._initial_prunable:
+            raise PruningConfigurationError(
+                f"checkpoint pruning state has {alive.numel()} neurons but this network has "
+                f"{self.graph.num_neurons}: it was saved for a different model or callback configuration"
+            )
+        device = next(iter(self.graph.gates.values())).module.weight.device
+        self._alive = alive.clone().bool()
+        self.importance = {n: v.clone() for n, v in state["importance"].items()}
+        self._interval_sum = {n: v.to(device) for n, v in state["interval_sum"].items()}
+        self._interval_count = state["interval_count"]
+        self._steps_in_interval = state["steps_in_interval"]
+        self.num_pruned = state["num_pruned"]
+        self.done = state["done"]
+        self.stop_reason = state["stop_reason"]
+        self._loss = None if state["loss"] is None else torch.tensor(state["loss"])
+        self.history = [PruningRecord(**r) for r in state["history"]]
+        self.criterion.load_state_dict(state["criterion"])
+        self._masks.update(~self._alive)
+        self._masks.zero_parameters()
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise PruningConfigurationError(message)
+
+
+def _loss_scale(trainer: pl.Trainer) -> float:
+    """The AMP loss scale the gradients carry right after backward (1 without a grad scaler)."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return 1.0
+    scale = scaler.get_scale()
+    return scale if math.isfinite(scale) and scale > 0 else 1.0

@@ -1,0 +1,80 @@
+"""Channel nodes and their ties.
+
+Every channel of every traced tensor carries a *node* id. Layers that create channels (Conv, Linear)
+allocate fresh nodes; channel-wise layers (BatchNorm, activations, pooling) pass them through;
+residual additions tie the nodes of their operands one by one in a union-find. After tracing, one
+union-find class is one prunable neuron: removing it zeroes every channel that carries one of its nodes.
+Node id ``ZERO`` marks a channel that is structurally zero (the zero padding of option-A shortcuts).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+ZERO = -1
+
+
+@dataclass(frozen=True)
+class ChannelTag:
+    """Node ids of one tensor's channels, and which dimension holds them."""
+
+    nodes: torch.Tensor  # int64, one id per channel (or ZERO)
+    dim: int
+    ndim: int
+
+    @property
+    def size(self) -> int:
+        return self.nodes.numel()
+
+
+class ChannelNodes:
+    """Allocator and union-find of channel nodes, with reasons why some can't be pruned."""
+
+    def __init__(self) -> None:
+        self._parent: list[int] = []
+        self.blocked: dict[int, str] = {}  # node -> first reason it can't be pruned
+        self.residual: set[int] = set()  # nodes tied by an addition
+
+    def __len__(self) -> int:
+        return len(self._parent)
+
+    def fresh(self, n: int, blocked: str | None = None) -> torch.Tensor:
+        start = len(self._parent)
+        self._parent.extend(range(start, start + n))
+        nodes = torch.arange(start, start + n, dtype=torch.long)
+        if blocked is not None:
+            self.block(nodes, blocked)
+        return nodes
+
+    def find(self, x: int) -> int:
+        parent = self._parent
+        root = x
+        while parent[root] != root:
+            root = parent[root]
+        while parent[x] != root:
+            parent[x], x = root, parent[x]
+        return root
+
+    def union(self, a: torch.Tensor, b: torch.Tensor, residual: bool = False) -> None:
+        """Tie ``a[i]`` with ``b[i]`` for every i (ZERO entries tie nothing)."""
+        for x, y in zip(a.tolist(), b.tolist()):
+            if x == ZERO or y == ZERO:
+                continue
+            if residual:
+                self.residual.update((x, y))
+            rx, ry = self.find(x), self.find(y)
+            if rx != ry:
+                self._parent[ry] = rx
+
+    def block(self, nodes: torch.Tensor, reason: str) -> None:
+        for x in nodes.tolist():
+            if x != ZERO:
+                self.blocked.setdefault(x, reason)
+
+    def classes(self) -> tuple[torch.Tensor, int]:
+        """Dense class id for every node (0..K-1), and K."""
+        roots = torch.tensor([self.find(i) for i in range(len(self._parent))], dtype=torch.long)
+        uniq, dense = torch.unique(roots, return_inverse=True)
+        return dense, uniq.numel()

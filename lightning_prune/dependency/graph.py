@@ -1,0 +1,192 @@
+"""The dependency graph: gated layers, the neurons they share, and which parameters hold each neuron."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from lightning_prune.dependency.channels import ZERO
+from lightning_prune.dependency.propagation import LayerUse, propagate
+from lightning_prune.dependency.trace import trace
+from lightning_prune.errors import PruningConfigurationError, UnsupportedModelError
+
+GatePlacement = Literal["after_bn", "before_bn"]
+GATE_PLACEMENTS = ("after_bn", "before_bn")
+
+
+@dataclass(frozen=True)
+class Gate:
+    """A gated layer: a gate ``z = 1`` multiplies each of its output channels.
+
+    ``neurons[c]`` is the neuron (union-find class) that output channel ``c`` belongs to; channels of
+    different layers tied by a residual addition share one neuron. ``sources[c]`` is the Conv/Linear
+    filter ``(layer, index)`` that produces the channel, when there is one.
+    """
+
+    name: str
+    module: nn.Module
+    kind: Literal["batchnorm", "conv", "linear"]
+    neurons: torch.Tensor
+    sources: tuple[tuple[str, int] | None, ...]
+
+    @property
+    def channels(self) -> int:
+        return self.neurons.numel()
+
+    @property
+    def gradient_from_parameters(self) -> bool:
+        """dE/dz equals sum(p * dE/dp) over the layer's own (homogeneous) parameters of the channel."""
+        return getattr(self.module, "weight", None) is not None
+
+
+@dataclass
+class DependencyGraph:
+    """What pruning a neuron touches.
+
+    ``writers`` maps every layer whose parameters produce channels (Conv/Linear filters, BatchNorm
+    channels, depthwise filters) to the neuron of each output channel; ``readers`` maps every Conv/Linear
+    to the neuron of each input feature (``-1`` for a structurally zero input).
+    """
+
+    gates: dict[str, Gate]
+    num_neurons: int
+    prunable: torch.Tensor  # bool per neuron
+    residual: torch.Tensor  # bool per neuron: tied by an addition
+    blocked: dict[int, str]  # neuron -> why it can't be pruned
+    writers: dict[str, torch.Tensor]
+    readers: dict[str, torch.Tensor]
+    modules: dict[str, nn.Module]
+
+    @property
+    def num_prunable(self) -> int:
+        return int(self.prunable.sum())
+
+    def describe(self) -> str:
+        tied = int((self.prunable & self.residual).sum())
+        return (
+            f"{len(self.gates)} gated layers, {self.num_prunable} prunable neurons "
+            f"({tied} tied across layers by residual additions), {len(self.blocked)} neurons kept by rule"
+        )
+
+
+def build_dependency_graph(
+    model: nn.Module,
+    example_input: Any,
+    *,
+    placement: GatePlacement = "after_bn",
+    ignored_modules: Iterable[str] = (),
+    leaf_modules: Iterable[str] = (),
+    prune_residual: bool = True,
+    prefix: str = "",
+) -> DependencyGraph:
+    """Trace ``model`` on ``example_input`` and find its gates and neurons.
+
+    Names are qualified module names of ``model``, prefixed by ``prefix`` (e.g. ``"model."`` when
+    ``model`` is an attribute of a LightningModule). Raises :class:`UnsupportedModelError` when nothing
+    can be pruned.
+    """
+    if placement not in GATE_PLACEMENTS:
+        raise PruningConfigurationError(f"gate placement must be one of {GATE_PLACEMENTS}, got {placement!r}")
+    gm = trace(model, example_input, leaf_modules)
+    prop = propagate(gm)
+    nodes = prop.nodes
+    ignored = tuple(ignored_modules)
+    for name, use in prop.layers.items():
+        if use.calls > 1:
+            for tensor in (use.in_nodes, use.out_nodes):
+                if tensor is not None:
+                    nodes.block(tensor, f"{name} is called {use.calls} times")
+        if use.out_nodes is not None and any(name == i or name.startswith(i + ".") for i in ignored):
+            nodes.block(use.out_nodes, f"{name} is ignored")
+
+    dense, num_neurons = nodes.classes()
+
+    def neurons_of(raw: torch.Tensor) -> torch.Tensor:
+        return torch.where(raw == ZERO, torch.full_like(raw, -1), dense[raw.clamp(min=0)])
+
+    gate_uses = _gate_uses(prop.layers, placement)
+    gates = {
+        prefix + name: Gate(
+            name=prefix + name,
+            module=use.module,
+            kind=_kind(use.module),
+            neurons=neurons_of(use.out_nodes),
+            sources=tuple(
+                (prefix + src[0], src[1]) if (src := prop.creator.get(n)) is not None else None
+                for n in use.out_nodes.tolist()
+            ),
+        )
+        for name, use in gate_uses.items()
+    }
+    gated = torch.zeros(num_neurons, dtype=torch.bool)
+    for gate in gates.values():
+        gated[gate.neurons] = True
+    blocked: dict[int, str] = {}
+    for node, reason in nodes.blocked.items():
+        blocked.setdefault(int(dense[node]), reason)
+    residual = torch.zeros(num_neurons, dtype=torch.bool)
+    if nodes.residual:
+        residual[dense[torch.tensor(sorted(nodes.residual))]] = True
+    prunable = gated.clone()
+    if blocked:
+        prunable[torch.tensor(sorted(blocked))] = False
+    if not prune_residual:
+        prunable &= ~residual
+    # a layer none of whose channels can go (the output layer, ignored layers) is not gated
+    gates = {name: gate for name, gate in gates.items() if prunable[gate.neurons].any()}
+
+    writers, readers = {}, {}
+    for name, use in prop.layers.items():
+        if use.out_nodes is not None and (use.creates or _is_channelwise(use)):
+            writers[prefix + name] = neurons_of(use.out_nodes)
+        if use.in_nodes is not None and isinstance(use.module, (nn.modules.conv._ConvNd, nn.Linear)):
+            readers[prefix + name] = neurons_of(use.in_nodes)
+
+    graph = DependencyGraph(
+        gates=gates,
+        num_neurons=num_neurons,
+        prunable=prunable,
+        residual=residual,
+        blocked=blocked,
+        writers=writers,
+        readers=readers,
+        modules={prefix + n: m for n, m in model.named_modules()},
+    )
+    if graph.num_prunable == 0:
+        reasons = Counter(blocked.values()).most_common(5)
+        detail = "; ".join(f"{r} ({k} neurons)" for r, k in reasons) or "no BatchNorm, Conv or Linear layer found"
+        raise UnsupportedModelError(f"no prunable layer in {type(model).__name__}: {detail}")
+    return graph
+
+
+def _kind(module: nn.Module) -> Literal["batchnorm", "conv", "linear"]:
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return "batchnorm"
+    return "linear" if isinstance(module, nn.Linear) else "conv"
+
+
+def _is_channelwise(use: LayerUse) -> bool:
+    return isinstance(use.module, nn.modules.batchnorm._BatchNorm) or (
+        isinstance(use.module, nn.modules.conv._ConvNd) and use.module.groups > 1
+    )
+
+
+def _gate_uses(layers: dict[str, LayerUse], placement: GatePlacement) -> dict[str, LayerUse]:
+    """BatchNorm outputs, and Conv/Linear outputs that reach no BatchNorm (``after_bn``);
+    every Conv/Linear output (``before_bn``)."""
+    creators = {n: u for n, u in layers.items() if u.creates and u.out_nodes is not None}
+    if placement == "before_bn":
+        return creators
+    norms = {
+        n: u
+        for n, u in layers.items()
+        if isinstance(u.module, nn.modules.batchnorm._BatchNorm) and u.out_nodes is not None
+    }
+    covered = set().union(*(set(u.out_nodes.tolist()) for u in norms.values())) if norms else set()
+    uncovered = {n: u for n, u in creators.items() if not set(u.out_nodes.tolist()) <= covered}
+    return {**norms, **uncovered}

@@ -1,0 +1,65 @@
+"""Symbolic tracing of a module with torch.fx, plus shapes of every value from one example forward."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from lightning_prune.errors import UnsupportedModelError
+
+
+class _Tracer(fx.Tracer):
+    """torch.fx tracer that also keeps user-named modules as leaves."""
+
+    def __init__(self, leaf_modules: Iterable[str] = ()) -> None:
+        super().__init__()
+        self._leaf_names = set(leaf_modules)
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return module_qualified_name in self._leaf_names or super().is_leaf_module(m, module_qualified_name)
+
+
+def trace(
+    module: nn.Module, example_input: Any, leaf_modules: Iterable[str] = ()
+) -> fx.GraphModule:
+    """Trace ``module`` and annotate every node with ``meta['tensor_meta']`` from one forward pass.
+
+    ``example_input`` is a tensor, a sequence of positional tensors or a mapping of keyword arguments.
+    The forward runs in eval mode under ``no_grad`` so BatchNorm statistics are untouched.
+    """
+    try:
+        graph = _Tracer(leaf_modules).trace(module)
+    except Exception as err:  # fx raises many kinds of errors on untraceable code
+        raise UnsupportedModelError(
+            f"torch.fx could not trace {type(module).__name__}: {err}. Pass the untraceable submodules "
+            "as `leaf_modules` (their channels are then left unpruned) or restructure forward()."
+        ) from err
+    gm = fx.GraphModule(module, graph)
+    args, kwargs = as_call_args(example_input)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    flat = list(args) + [kwargs[n.target] for n in placeholders[len(args):] if n.target in kwargs]
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*flat)
+    except Exception as err:
+        raise UnsupportedModelError(
+            f"running {type(module).__name__} on the example input failed: {err}"
+        ) from err
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    return gm
+
+
+def as_call_args(example_input: Any) -> tuple[Sequence[Any], Mapping[str, Any]]:
+    if isinstance(example_input, Mapping):
+        return (), dict(example_input)
+    if isinstance(example_input, (tuple, list)):
+        return tuple(example_input), {}
+    return (example_input,), {}
