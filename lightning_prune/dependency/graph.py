@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from lightning_prune.dependency.channels import ZERO
 from lightning_prune.dependency.propagation import LayerUse, propagate
@@ -61,6 +61,17 @@ class DependencyGraph:
     writers: dict[str, torch.Tensor]
     readers: dict[str, torch.Tensor]
     modules: dict[str, nn.Module]
+    traced: fx.GraphModule  # the traced network (names without ``prefix``)
+    channel_neurons: dict[fx.Node, Any]  # fx node -> ChannelTag of raw nodes, see ``neuron_of_node``
+    neuron_of_node: torch.Tensor  # raw channel node id -> neuron id
+
+    def alive_from_masks(self, masks: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Bool per neuron, False for every neuron some gate mask marks as removed."""
+        alive = torch.ones(self.num_neurons, dtype=torch.bool)
+        for name, mask in masks.items():
+            gate = self.gates[name]
+            alive[gate.neurons[~mask.to("cpu", torch.bool)]] = False
+        return alive
 
     @property
     def num_prunable(self) -> int:
@@ -156,6 +167,9 @@ def build_dependency_graph(
         writers=writers,
         readers=readers,
         modules={prefix + n: m for n, m in model.named_modules()},
+        traced=gm,
+        channel_neurons=prop.values,
+        neuron_of_node=dense,
     )
     if graph.num_prunable == 0:
         reasons = Counter(blocked.values()).most_common(5)

@@ -69,6 +69,7 @@ class Propagation:
     nodes: ChannelNodes
     layers: dict[str, LayerUse] = field(default_factory=dict)
     creator: dict[int, tuple[str, int]] = field(default_factory=dict)  # fresh node -> (layer, channel)
+    values: dict[fx.Node, Any] = field(default_factory=dict)  # fx node -> ChannelTag (or nested, or None)
 
 
 def propagate(gm: fx.GraphModule) -> Propagation:
@@ -76,6 +77,7 @@ def propagate(gm: fx.GraphModule) -> Propagation:
     walker = _Walker(gm)
     for node in gm.graph.nodes:
         walker.env[node] = walker.visit(node)
+    walker.result.values = walker.env
     return walker.result
 
 
