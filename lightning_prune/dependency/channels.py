@@ -36,6 +36,7 @@ class ChannelNodes:
         self._parent: list[int] = []
         self.blocked: dict[int, str] = {}  # node -> first reason it can't be pruned
         self.residual: set[int] = set()  # nodes tied by an addition
+        self.merged: dict[int, set[int]] = {}  # node -> nodes whose values were added into it
 
     def __len__(self) -> int:
         return len(self._parent)
@@ -67,6 +68,21 @@ class ChannelNodes:
             rx, ry = self.find(x), self.find(y)
             if rx != ry:
                 self._parent[ry] = rx
+
+    def record_merge(self, kept: torch.Tensor, other: torch.Tensor) -> None:
+        """``other[i]`` was added into the channel that goes on carrying node ``kept[i]``."""
+        for k, o in zip(kept.tolist(), other.tolist()):
+            if k != ZERO and o != ZERO and k != o:
+                self.merged.setdefault(k, set()).update({o}, self.merged.get(o, ()))
+
+    def reaching(self, nodes: torch.Tensor) -> set[int]:
+        """The nodes themselves and every node added into them upstream."""
+        found: set[int] = set()
+        for x in nodes.tolist():
+            if x != ZERO:
+                found.add(x)
+                found.update(self.merged.get(x, ()))
+        return found
 
     def block(self, nodes: torch.Tensor, reason: str) -> None:
         for x in nodes.tolist():

@@ -10,7 +10,7 @@ from typing import Any, Literal
 import torch
 from torch import fx, nn
 
-from lightning_prune.dependency.channels import ZERO
+from lightning_prune.dependency.channels import ZERO, ChannelNodes
 from lightning_prune.dependency.propagation import LayerUse, propagate
 from lightning_prune.dependency.trace import trace
 from lightning_prune.errors import PruningConfigurationError, UnsupportedModelError
@@ -120,7 +120,7 @@ def build_dependency_graph(
     def neurons_of(raw: torch.Tensor) -> torch.Tensor:
         return torch.where(raw == ZERO, torch.full_like(raw, -1), dense[raw.clamp(min=0)])
 
-    gate_uses = _gate_uses(prop.layers, placement)
+    gate_uses = _gate_uses(prop.layers, placement, nodes)
     gates = {
         prefix + name: Gate(
             name=prefix + name,
@@ -190,9 +190,9 @@ def _is_channelwise(use: LayerUse) -> bool:
     )
 
 
-def _gate_uses(layers: dict[str, LayerUse], placement: GatePlacement) -> dict[str, LayerUse]:
-    """BatchNorm outputs, and Conv/Linear outputs that reach no BatchNorm (``after_bn``);
-    every Conv/Linear output (``before_bn``)."""
+def _gate_uses(layers: dict[str, LayerUse], placement: GatePlacement, nodes: ChannelNodes) -> dict[str, LayerUse]:
+    """BatchNorm outputs, and Conv/Linear outputs that reach no BatchNorm, even through additions
+    (``after_bn``); every Conv/Linear output (``before_bn``)."""
     creators = {n: u for n, u in layers.items() if u.creates and u.out_nodes is not None}
     if placement == "before_bn":
         return creators
@@ -201,6 +201,6 @@ def _gate_uses(layers: dict[str, LayerUse], placement: GatePlacement) -> dict[st
         for n, u in layers.items()
         if isinstance(u.module, nn.modules.batchnorm._BatchNorm) and u.out_nodes is not None
     }
-    covered = set().union(*(set(u.out_nodes.tolist()) for u in norms.values())) if norms else set()
+    covered = set().union(*(nodes.reaching(u.out_nodes) for u in norms.values())) if norms else set()
     uncovered = {n: u for n, u in creators.items() if not set(u.out_nodes.tolist()) <= covered}
     return {**norms, **uncovered}

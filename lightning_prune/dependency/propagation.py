@@ -263,6 +263,7 @@ class _Walker:
         if len(tags) == 2 and tags[0].size == tags[1].size and tags[0].dim == tags[1].dim:
             self.nodes.union(tags[0].nodes, tags[1].nodes, residual=True)
             merged = torch.where(tags[0].nodes == ZERO, tags[1].nodes, tags[0].nodes)
+            self.nodes.record_merge(merged, torch.where(tags[0].nodes == ZERO, tags[0].nodes, tags[1].nodes))
             return ChannelTag(merged, tags[0].dim, max(tags[0].ndim, tags[1].ndim))
         return self.opaque(node, "addition of a constant or of broadcast channels")
 

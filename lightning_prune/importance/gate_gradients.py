@@ -24,13 +24,20 @@ from lightning_prune.dependency import Gate
 
 def parameter_gate_gradient(gate: Gate) -> torch.Tensor:
     """``dE/dz`` per channel, from the gated layer's parameter gradients (zero where none)."""
-    total = torch.zeros(gate.channels, dtype=torch.float32, device=gate.module.weight.device)
-    for param in (gate.module.weight, getattr(gate.module, "bias", None)):
+    weight = gate.module.weight
+    dtype = _accumulation_dtype(weight.dtype)
+    total = torch.zeros(gate.channels, dtype=dtype, device=weight.device)
+    for param in (weight, getattr(gate.module, "bias", None)):
         if param is None or param.grad is None:
             continue
-        prod = param.detach().float() * param.grad.float()
+        prod = param.detach().to(dtype) * param.grad.to(dtype)
         total += prod.reshape(prod.shape[0], -1).sum(1)
     return total
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; everything else (fp32, fp16, bf16) accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _channel_dim(gate: Gate, ndim: int) -> int:
@@ -77,7 +84,7 @@ class GateGradients:
             dim = _channel_dim(gate, out.ndim)
             shape = [1] * out.ndim
             shape[0], shape[dim] = out.shape[0], out.shape[dim]
-            z = torch.ones(shape, device=out.device, dtype=torch.float32, requires_grad=True)
+            z = torch.ones(shape, device=out.device, dtype=_accumulation_dtype(out.dtype), requires_grad=True)
             self._live[name].append(z)
             return out * z
 
@@ -121,4 +128,4 @@ class GateGradients:
 
     @staticmethod
     def _add(store: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
-        store[name] = store[name] + value if name in store else value.detach().float()
+        store[name] = store[name] + value if name in store else value.detach().to(_accumulation_dtype(value.dtype))

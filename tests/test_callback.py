@@ -1,0 +1,369 @@
+"""TaylorPruningCallback on small synthetic problems: importance, schedule, masking, errors, resume."""
+
+from __future__ import annotations
+
+import copy
+import json
+import types
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from helpers import Classifier, SmallCNN, SmallResNet, gate_gradients, relative_error, synthetic_loader, trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins import MixedPrecision
+from lightning.pytorch.strategies import FSDPStrategy
+
+from lightning_prune import (
+    PruningConfigurationError,
+    TaylorPruningCallback,
+    UnsupportedModelError,
+    UnsupportedStrategyError,
+    available_criteria,
+)
+
+X16 = torch.randn(2, 3, 16, 16)
+
+
+def _fit(model, cb, loader=None, **trainer_kwargs):
+    module = model if isinstance(model, pl.LightningModule) else Classifier(model, example=X16)
+    trainer(callbacks=[cb], **trainer_kwargs).fit(module, loader or synthetic_loader())
+    return module
+
+
+# -- importance equals autograd ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gate_gradient", ["auto", "hooks"])
+@pytest.mark.parametrize("placement", ["after_bn", "before_bn"])
+def test_taylor_fo_bn_equals_autograd_gate_gradient(gate_gradient, placement):
+    torch.manual_seed(0)
+    model = SmallResNet().double()
+    reference = copy.deepcopy(model)
+    loader = synthetic_loader(n=48, batch_size=16, dtype=torch.float64)
+    cb = TaylorPruningCallback(
+        prune_every_n_batches=3, neurons_per_step=1, num_to_prune=1, gate_gradient=gate_gradient,
+        gate_placement=placement,
+    )  # fmt: skip
+    _fit(Classifier(model, lr=0.0, example=X16.double()), cb, loader, max_steps=3)
+    names = [n.removeprefix("model.") for n in cb.graph.gates]
+    grads = gate_gradients(reference.train(), names, [(x, y, 1.0) for x, y in loader])
+    for name in names:
+        expected = torch.stack([g[name].square() for g in grads]).mean(0)
+        assert relative_error(cb.importance["model." + name], expected) < 1e-10, name
+
+
+def test_full_gradient_variant_sums_per_sample_squares():
+    torch.manual_seed(0)
+    model = SmallCNN().double()
+    reference = copy.deepcopy(model)
+    loader = synthetic_loader(n=32, batch_size=16, dtype=torch.float64)
+    cb = TaylorPruningCallback("taylor_fo_bn_fg", prune_every_n_batches=2, neurons_per_step=1, num_to_prune=1)
+    _fit(Classifier(model, lr=0.0, example=X16.double()), cb, loader, max_steps=2)
+    names = [n.removeprefix("model.") for n in cb.graph.gates]
+    grads = gate_gradients(reference.train(), names, [(x, y, 1.0) for x, y in loader], per_sample=True)
+    for name in names:
+        expected = torch.stack([g[name].square().sum(0) for g in grads]).mean(0)
+        assert relative_error(cb.importance["model." + name], expected) < 1e-10, name
+
+
+@pytest.mark.parametrize("criterion", ["taylor_fo_bn", "taylor_fo_bn_fg"])
+def test_gradient_accumulation_squares_the_gradient_of_the_whole_step(criterion):
+    torch.manual_seed(0)
+    model = SmallResNet().double()
+    reference = copy.deepcopy(model)
+    loader = synthetic_loader(n=32, batch_size=8, dtype=torch.float64)
+    cb = TaylorPruningCallback(criterion, prune_every_n_batches=2, neurons_per_step=1, num_to_prune=1)
+    _fit(Classifier(model, lr=0.0, example=X16.double()), cb, loader, max_steps=2, accumulate_grad_batches=2)
+    names = [n.removeprefix("model.") for n in cb.graph.gates]
+    micro = [(x, y, 0.5) for x, y in loader]  # Lightning divides each micro-batch loss by 2
+    per_sample = criterion == "taylor_fo_bn_fg"
+    grads = gate_gradients(reference.train(), names, micro, per_sample=per_sample)
+    for name in names:
+        if per_sample:
+            steps = [grads[i][name].square().sum(0) + grads[i + 1][name].square().sum(0) for i in (0, 2)]
+        else:
+            steps = [(grads[i][name] + grads[i + 1][name]).square() for i in (0, 2)]
+        assert relative_error(cb.importance["model." + name], torch.stack(steps).mean(0)) < 1e-10, name
+
+
+@pytest.mark.parametrize(
+    "precision", ["bf16-mixed", "16-mixed"], ids=["bf16-mixed", "16-mixed-with-grad-scaler"]
+)
+def test_mixed_precision_importance_is_unscaled(precision):
+    torch.manual_seed(0)
+    model = SmallResNet()
+    reference = copy.deepcopy(model)
+    loader = synthetic_loader(n=32, batch_size=16)
+    cb = TaylorPruningCallback(prune_every_n_batches=2, neurons_per_step=1, num_to_prune=1)
+    if precision == "16-mixed":  # Lightning swaps 16-mixed for bf16 on CPU unless given a scaler plugin
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+        kwargs = {"plugins": [MixedPrecision("16-mixed", "cpu", scaler=scaler)]}
+        dtype = torch.float16
+    else:
+        kwargs, dtype = {"precision": "bf16-mixed"}, torch.bfloat16
+    _fit(Classifier(model, lr=0.0, example=X16), cb, loader, max_steps=2, **kwargs)
+    if precision == "16-mixed":
+        assert scaler.get_scale() >= 2.0**12  # the gradients really were scaled
+    names = [n.removeprefix("model.") for n in cb.graph.gates]
+    grads = gate_gradients(reference.train(), names, [(x, y, 1.0) for x, y in loader], autocast=dtype)
+    for name in names:
+        expected = torch.stack([g[name].float().square() for g in grads]).mean(0)
+        # the same autocast in the reference: rounding changes digits, a missing unscale would be 4096^2 off
+        assert relative_error(cb.importance["model." + name], expected) < 0.05, name
+
+
+# -- schedule and masking ------------------------------------------------------------------------------------
+
+
+def _dead_channels_are_zero(module, cb):
+    graph = cb.graph
+    dead = ~graph.alive_from_masks(cb.masks)
+    padded = torch.cat([dead, torch.tensor([False])])
+    for name, neurons in graph.writers.items():
+        rows = padded[neurons]
+        layer = graph.modules[name]
+        for attr in ("weight", "bias", "running_mean"):
+            tensor = getattr(layer, attr, None)
+            if isinstance(tensor, torch.Tensor) and rows.any():
+                assert tensor[rows].abs().max() == 0, f"{name}.{attr}"
+                if getattr(tensor, "grad", None) is not None:
+                    assert tensor.grad[rows].abs().max() == 0, f"{name}.{attr}.grad"
+    return dead
+
+
+def test_iterative_global_pruning_reaches_the_target_and_zeroes_removed_neurons():
+    torch.manual_seed(0)
+    model = SmallResNet()
+    cb = TaylorPruningCallback(prune_every_n_batches=2, neurons_per_step=0.1, keep_ratio=0.5, reset_momentum=False)
+    module = _fit(model, cb, max_epochs=4)
+    prunable = cb.graph.num_prunable
+    assert cb.done and cb.stop_reason == "target reached"
+    assert cb.num_pruned == prunable - round(0.5 * prunable)
+    step = round(0.1 * prunable)
+    assert [r.neurons_removed for r in cb.history[:-1]] == [step] * (len(cb.history) - 1)
+    assert [r.step for r in cb.history] == [2 * (i + 1) for i in range(len(cb.history))]
+    assert all(a.flops > b.flops for a, b in zip(cb.history, cb.history[1:]))
+    assert cb.history[-1].params < cb.initial_params
+    dead = _dead_channels_are_zero(module, cb)
+    assert int(dead.sum()) == cb.num_pruned
+    # removed neurons never come back: their optimizer state is zero too
+    optimizer = module.trainer.optimizers[0]
+    padded = torch.cat([dead, torch.tensor([False])])
+    for name, neurons in cb.graph.writers.items():
+        for p in cb.graph.modules[name].parameters(recurse=False):
+            buf = optimizer.state[p].get("momentum_buffer")
+            if buf is not None and padded[neurons].any():
+                assert buf[padded[neurons]].abs().max() == 0
+    # a tied group is removed from every layer at once
+    stream = [n for n in cb.masks if n.endswith(("stem.1", "block1.bn2", "block2.bn2"))]
+    assert all(torch.equal(cb.masks[stream[0]], cb.masks[n]) for n in stream)
+
+
+def test_removed_neurons_have_no_effect_on_the_output():
+    torch.manual_seed(0)
+    model = SmallResNet()
+    cb = TaylorPruningCallback(prune_every_n_batches=1, neurons_per_step=6, keep_ratio=0.4)
+    module = _fit(model, cb, max_epochs=3)
+    model.eval()
+    x = torch.randn(4, 3, 16, 16)
+    before = model(x)
+    # cut every weight that reads a removed channel: the output cannot change if those channels are zero
+    dead = ~cb.graph.alive_from_masks(cb.masks)
+    padded = torch.cat([dead, torch.tensor([True])])
+    with torch.no_grad():
+        for name, neurons in cb.graph.readers.items():
+            weight = cb.graph.modules[name].weight
+            if weight.shape[1] == neurons.numel():
+                weight[:, padded[neurons]] = torch.randn_like(weight[:, padded[neurons]])
+    assert torch.equal(model(x), before)
+    assert module.trainer.progress_bar_metrics["neurons"] == cb.neurons_remaining
+
+
+def test_min_channels_is_never_crossed():
+    torch.manual_seed(0)
+    cb = TaylorPruningCallback(prune_every_n_batches=1, neurons_per_step=10, keep_ratio=0.2, min_channels=3)
+    _fit(SmallCNN(), cb, max_epochs=4)
+    assert cb.done
+    assert all(int(m.sum()) >= 3 for m in cb.masks.values())
+
+
+def test_momentum_is_reset_when_the_target_is_reached():
+    class Probe(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if cb.done and not hasattr(self, "state_size"):
+                self.state_size = len(trainer.optimizers[0].state)
+
+    cb = TaylorPruningCallback(prune_every_n_batches=2, neurons_per_step=8, num_to_prune=8)
+    probe = Probe()
+    module = Classifier(SmallCNN(), example=X16)
+    trainer(callbacks=[cb, probe], max_epochs=2).fit(module, synthetic_loader())
+    assert probe.state_size == 0
+
+
+@pytest.mark.parametrize("criterion", sorted(set(available_criteria()) & {"weight_norm", "bn_scale", "random"}))
+def test_baseline_criteria(criterion):
+    torch.manual_seed(0)
+    cb = TaylorPruningCallback(criterion, prune_every_n_batches=2, neurons_per_step=4, num_to_prune=8)
+    _fit(SmallResNet(), cb, max_epochs=1)
+    assert cb.num_pruned == 8
+    if criterion == "bn_scale":
+        gate, kept = cb.graph.gates["model.block1.bn1"], cb.masks["model.block1.bn1"]
+        # scored at the last step (the last pruning step), before it zeroed the channels it removed
+        assert torch.allclose(cb.importance["model.block1.bn1"][kept], gate.module.weight.detach().abs()[kept])
+
+
+def test_bn_scale_rejects_layers_without_batchnorm():
+    cb = TaylorPruningCallback("bn_scale", num_to_prune=2)
+    with pytest.raises(PruningConfigurationError, match="fc1"):
+        _fit(SmallCNN(), cb, max_steps=1)
+
+
+def test_max_loss_stops_pruning():
+    cb = TaylorPruningCallback(prune_every_n_batches=2, neurons_per_step=2, keep_ratio=0.5, max_loss=1e-3)
+    _fit(SmallCNN(), cb, max_epochs=1)
+    assert cb.done and "max_loss" in cb.stop_reason and cb.num_pruned == 0
+
+
+def test_non_finite_importance_is_skipped_with_a_warning():
+    class SkipNonFinite(torch.optim.SGD):  # like AMP's scaler: no update when gradients are not finite
+        def step(self, closure=None):
+            loss = closure() if closure is not None else None
+            if all(p.grad is None or torch.isfinite(p.grad).all() for g in self.param_groups for p in g["params"]):
+                super().step()
+            return loss
+
+    class Poisoned(Classifier):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            return loss * float("inf") if batch_idx == 1 else loss
+
+        def configure_optimizers(self):
+            return SkipNonFinite(self.parameters(), lr=0.01)
+
+    cb = TaylorPruningCallback(prune_every_n_batches=2, neurons_per_step=2, num_to_prune=4)
+    with pytest.warns(UserWarning, match="non-finite"):
+        _fit(Poisoned(SmallCNN(), example=X16), cb, max_epochs=1)
+    assert cb.num_pruned == 4
+    assert all(torch.isfinite(v).all() for v in cb.importance.values())
+
+
+def test_adam_state_of_removed_neurons_is_zeroed():
+    cb = TaylorPruningCallback(prune_every_n_batches=2, neurons_per_step=4, num_to_prune=8, reset_momentum=False)
+    module = _fit(Classifier(SmallCNN(), optimizer="adam", lr=1e-3, example=X16), cb, max_epochs=1)
+    dead = ~cb.graph.alive_from_masks(cb.masks)
+    padded = torch.cat([dead, torch.tensor([False])])
+    state = module.trainer.optimizers[0].state
+    for name, neurons in cb.graph.writers.items():
+        for p in cb.graph.modules[name].parameters(recurse=False):
+            for key in ("exp_avg", "exp_avg_sq"):
+                if padded[neurons].any():
+                    assert state[p][key][padded[neurons]].abs().max() == 0
+    _dead_channels_are_zero(module, cb)
+
+
+# -- finding the network ----------------------------------------------------------------------------------------
+
+
+def test_network_input_is_captured_without_example_input_array():
+    class NoExample(Classifier):
+        def training_step(self, batch, batch_idx):  # calls the child module directly
+            x, y = batch
+            return torch.nn.functional.cross_entropy(self.model(x), y)
+
+    cb = TaylorPruningCallback(prune_every_n_batches=2, neurons_per_step=2, num_to_prune=2)
+    _fit(NoExample(SmallCNN()), cb, max_epochs=1)
+    assert set(cb.masks) == {"model.bn1", "model.bn2", "model.fc1"} and cb.num_pruned == 2
+
+
+def test_module_name_and_ignored_modules():
+    cb = TaylorPruningCallback(
+        prune_every_n_batches=1, neurons_per_step=4, keep_ratio=0.5, module_name="model", ignored_modules=["bn1"]
+    )
+    _fit(Classifier(SmallCNN()), cb, max_epochs=1)
+    assert "model.bn1" not in cb.masks and "model.bn2" in cb.masks
+
+
+# -- logging, history, checkpoints ---------------------------------------------------------------------------
+
+
+def test_logs_metrics_and_writes_history(tmp_path):
+    cb = TaylorPruningCallback(prune_every_n_batches=2, neurons_per_step=4, num_to_prune=8)
+    _fit(SmallCNN(), cb, max_epochs=1, logger=CSVLogger(tmp_path, name="run"), log_every_n_steps=1)
+    log_dir = tmp_path / "run" / "version_0"
+    metrics = (log_dir / "metrics.csv").read_text()
+    assert "pruning/neurons_pruned" in metrics and "pruning/flops" in metrics and "pruning/channels/model.bn2" in metrics
+    history = json.loads((log_dir / "pruning_history.json").read_text())
+    assert [h["neurons_pruned"] for h in history] == [4, 8]
+    assert {"layer", "index"} <= set(history[0]["removed"][0])
+    assert (log_dir / "pruning_history.csv").read_text().count("\n") == 3
+
+
+def test_resume_mid_pruning_ends_with_the_same_masks(tmp_path):
+    def run(max_epochs, ckpt_path=None, checkpoint=None):
+        torch.manual_seed(0)
+        cb = TaylorPruningCallback(prune_every_n_batches=3, neurons_per_step=3, keep_ratio=0.5)
+        callbacks = [cb] + ([checkpoint] if checkpoint else [])
+        module = Classifier(SmallResNet(), example=X16)
+        trainer(callbacks=callbacks, max_epochs=max_epochs, enable_checkpointing=checkpoint is not None).fit(
+            module, synthetic_loader(), ckpt_path=ckpt_path
+        )
+        return cb, module
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    full, full_module = run(6, checkpoint=checkpoint)
+    middle = torch.load(tmp_path / "epoch=1.ckpt", weights_only=False)
+    state = next(v for k, v in middle["callbacks"].items() if "TaylorPruningCallback" in k)
+    assert 0 < state["num_pruned"] < full.num_pruned and state["steps_in_interval"] == 2  # mid-interval
+    resumed, resumed_module = run(6, ckpt_path=tmp_path / "epoch=1.ckpt")
+    assert resumed.num_pruned == full.num_pruned
+    assert all(torch.equal(full.masks[n], resumed.masks[n]) for n in full.masks)
+    assert [r.removed for r in resumed.history] == [r.removed for r in full.history]
+    for (n, a), (_, b) in zip(full_module.state_dict().items(), resumed_module.state_dict().items()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6), n
+
+
+# -- errors before any training step ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"keep_ratio": 0.5, "num_to_prune": 3}, "exactly one"),
+        ({}, "exactly one"),
+        ({"keep_ratio": 1.5}, "keep_ratio"),
+        ({"keep_ratio": 0.5, "neurons_per_step": 0}, "neurons_per_step"),
+        ({"keep_ratio": 0.5, "neurons_per_step": 1.5}, "neurons_per_step"),
+        ({"keep_ratio": 0.5, "prune_every_n_batches": 0}, "prune_every_n_batches"),
+        ({"keep_ratio": 0.5, "ema": 1.0}, "ema"),
+        ({"keep_ratio": 0.5, "min_channels": 0}, "min_channels"),
+        ({"keep_ratio": 0.5, "gate_placement": "inside"}, "gate_placement"),
+        ({"keep_ratio": 0.5, "criterion": "nope"}, "unknown criterion"),
+    ],
+)
+def test_invalid_arguments(kwargs, match):
+    with pytest.raises(PruningConfigurationError, match=match):
+        TaylorPruningCallback(**kwargs)
+
+
+def test_impossible_target_fails_before_training():
+    model = SmallCNN()
+    before = copy.deepcopy(model.state_dict())
+    cb = TaylorPruningCallback(num_to_prune=48, min_channels=1)  # 48 prunable, but each layer keeps one
+    with pytest.raises(PruningConfigurationError, match="impossible target"):
+        _fit(model, cb, max_steps=1)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_model_without_prunable_layer_fails_before_training():
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 10))
+    with pytest.raises(UnsupportedModelError, match="no prunable layer"):
+        _fit(model, TaylorPruningCallback(num_to_prune=1), max_steps=1)
+
+
+def test_sharded_strategies_are_rejected():
+    cb = TaylorPruningCallback(num_to_prune=1)
+    fake_trainer = types.SimpleNamespace(strategy=FSDPStrategy())
+    with pytest.raises(UnsupportedStrategyError, match="FSDPStrategy"):
+        cb.setup(fake_trainer, Classifier(SmallCNN()), "fit")

@@ -1,0 +1,139 @@
+"""Dependency analysis: gates, tied neurons, blocked channels, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from helpers import SmallCNN, SmallResNet
+from torch import nn
+
+from lightning_prune import UnsupportedModelError, build_dependency_graph
+from lightning_prune.models import cifar_resnet20, preact_resnet18
+
+
+def _same_neurons(graph, a: str, b: str) -> bool:
+    return torch.equal(graph.gates[a].neurons, graph.gates[b].neurons)
+
+
+def test_small_cnn_gates_bn_and_unnormalised_linear_not_output():
+    graph = build_dependency_graph(SmallCNN(), torch.randn(2, 3, 16, 16))
+    assert set(graph.gates) == {"bn1", "bn2", "fc1"}
+    assert graph.gates["fc1"].kind == "linear"
+    assert graph.num_prunable == 8 + 16 + 24
+    # fc1 reads the 16 channels of bn2, each repeated over the 4x4 positions after flatten
+    readers = graph.readers["fc1"]
+    assert readers.numel() == 256 and torch.equal(readers.view(16, 16)[:, 0], graph.gates["bn2"].neurons)
+    assert graph.gates["bn2"].sources[3] == ("conv2", 3)
+
+
+def test_residual_additions_tie_channels():
+    graph = build_dependency_graph(SmallResNet(), torch.randn(2, 3, 16, 16))
+    assert _same_neurons(graph, "stem.1", "block1.bn2") and _same_neurons(graph, "stem.1", "block2.bn2")
+    assert _same_neurons(graph, "block3.bn2", "block3.proj.1")
+    assert not _same_neurons(graph, "block1.bn1", "block1.bn2")
+    assert graph.residual[graph.gates["stem.1"].neurons].all()
+    assert not graph.residual[graph.gates["block1.bn1"].neurons].any()
+
+
+def test_torchvision_resnet_downsample_joins_the_stage_group():
+    graph = build_dependency_graph(torchvision.models.resnet18(), torch.randn(1, 3, 64, 64))
+    stage2 = graph.gates["layer2.0.bn2"].neurons
+    assert torch.equal(graph.gates["layer2.0.downsample.1"].neurons, stage2)
+    assert torch.equal(graph.gates["layer2.1.bn2"].neurons, stage2)
+    assert not set(stage2.tolist()) & set(graph.gates["layer1.0.bn2"].neurons.tolist())
+    assert "fc" not in graph.gates  # the output layer is never pruned
+
+
+def test_cifar_resnet_zero_padding_shortcut_ties_shifted_channels():
+    graph = build_dependency_graph(cifar_resnet20(), torch.randn(1, 3, 32, 32))
+    s1, s2, s3 = (graph.gates[f"layer{i}.0.bn2"].neurons for i in (1, 2, 3))
+    # option A pads planes // 4 zeros on each side: stage-1 channel c flows into stage-2 channel c + 8
+    assert torch.equal(s2[8:24], s1) and torch.equal(s3[16:48], s2)
+    assert torch.equal(graph.gates["bn1"].neurons, s1)
+    assert len(set(s3[:16].tolist()) & set(s2.tolist())) == 0
+    assert graph.num_prunable == 400
+
+
+def test_preact_resnet_bn_on_the_stream_belongs_to_its_group():
+    graph = build_dependency_graph(preact_resnet18(), torch.randn(1, 3, 32, 32))
+    stream = graph.gates["layer1.0.bn1"].neurons
+    # the stem conv and every block's last conv feed the stream without a BatchNorm of their own; the
+    # next block's BatchNorm reads them through the addition, so they are not gated twice
+    assert all(gate.kind == "batchnorm" for gate in graph.gates.values())
+    assert torch.equal(graph.writers["conv1"], stream) and torch.equal(graph.writers["layer1.0.conv2"], stream)
+    assert torch.equal(graph.gates["layer1.1.bn1"].neurons, stream)
+
+
+def test_before_bn_gates_convolutions():
+    graph = build_dependency_graph(SmallCNN(), torch.randn(2, 3, 16, 16), placement="before_bn")
+    assert set(graph.gates) == {"conv1", "conv2", "fc1"}
+
+
+def test_no_skip_and_ignored_modules_restrict_pruning():
+    model, x = SmallResNet(), torch.randn(2, 3, 16, 16)
+    no_skip = build_dependency_graph(model, x, prune_residual=False)
+    assert "block1.bn2" not in no_skip.gates and "block1.bn1" in no_skip.gates
+    ignored = build_dependency_graph(model, x, ignored_modules=["block2"])
+    assert "block2.bn1" not in ignored.gates
+    assert "block2.bn2" not in ignored.gates and "block1.bn2" not in ignored.gates  # tied with ignored
+
+
+class _Gated(nn.Module):
+    """A channel multiplied by a sigmoid of itself: the sigmoid maps a removed channel to 0.5."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 6, 3)
+        self.bn2 = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, x):
+        x = self.bn(self.conv(x))
+        x = torch.sigmoid(x)
+        x = self.bn2(self.conv2(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_unknown_ops_block_their_channels_but_not_others():
+    graph = build_dependency_graph(_Gated(), torch.randn(2, 3, 8, 8))
+    assert "bn" not in graph.gates and "bn2" in graph.gates
+    assert any("sigmoid" in r for r in graph.blocked.values())
+
+
+def test_no_prunable_layer_is_a_clear_error():
+    with pytest.raises(UnsupportedModelError, match="no prunable layer"):
+        build_dependency_graph(nn.Linear(4, 2), torch.randn(1, 4))
+
+
+class _Untraceable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow
+            return self.fc(x)
+        return x
+
+
+def test_untraceable_model_is_a_clear_error():
+    with pytest.raises(UnsupportedModelError, match="could not trace"):
+        build_dependency_graph(_Untraceable(), torch.randn(1, 4))
+
+
+@pytest.mark.parametrize("factory", [torchvision.models.mobilenet_v2, torchvision.models.densenet121])
+def test_depthwise_and_concatenation(factory):
+    graph = build_dependency_graph(factory(), torch.randn(1, 3, 64, 64))
+    assert graph.num_prunable > 1000
+    if factory is torchvision.models.mobilenet_v2:
+        # the depthwise conv ties its input and output channels: expansion BN and depthwise BN share neurons
+        assert torch.equal(graph.gates["features.2.conv.0.1"].neurons, graph.gates["features.2.conv.1.1"].neurons)
+    else:
+        # a dense layer's output channels reappear, concatenated, in every later BatchNorm of the block
+        new = graph.readers["features.denseblock1.denselayer1.conv2"]
+        assert new.numel() == 128
+        later = graph.gates["features.denseblock1.denselayer2.norm1"].neurons
+        assert torch.equal(later[64:96], graph.writers["features.denseblock1.denselayer1.conv2"])
