@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tempfile
+
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
@@ -93,6 +95,7 @@ def synthetic_loader(n: int = 64, batch_size: int = 16, size: int = 16, dtype=to
 
 def trainer(**kwargs) -> pl.Trainer:
     defaults = dict(
+        default_root_dir=tempfile.mkdtemp(prefix="lightning-prune-test-"),
         accelerator="cpu",
         devices=1,
         logger=False,
