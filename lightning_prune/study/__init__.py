@@ -1,0 +1,1 @@
+"""Studies comparing importance criteria with the oracle: correlation tables and pruning curves."""

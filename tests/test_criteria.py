@@ -1,0 +1,280 @@
+"""Importance criteria outside and inside the callback: definitions against autograd, Hessians, label-free use."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import Classifier, SmallCNN, SmallResNet, gate_gradients, relative_error, synthetic_loader, trainer
+from torch import nn
+
+from lightning_prune import PruningConfigurationError, TaylorPruningCallback, available_criteria
+from lightning_prune.importance import estimate_importance, get_criterion, prune_once
+from lightning_prune.importance.estimate import graph_for
+from lightning_prune.importance.hessian import hessian_diagonal
+from lightning_prune.importance.statistics import writer_parameters
+from lightning_prune.study.common import TinyNet
+
+NEW = ["taylor_fo_weight", "taylor_so", "obd", "taylor_output", "activation_mean", "apoz", "taylor_fo_abs", "taylor_fo_sq"]
+X16 = torch.randn(2, 3, 16, 16)
+
+
+def _data(n=32, size=16, seed=0):
+    return list(synthetic_loader(n, 16, size=size, seed=seed))
+
+
+def test_every_criterion_is_registered():
+    assert set(NEW) <= set(available_criteria())
+
+
+@pytest.mark.parametrize("net", [SmallCNN, SmallResNet])
+def test_estimate_importance_scores_every_prunable_neuron(net):
+    torch.manual_seed(0)
+    model = net().eval()
+    names = [c for c in available_criteria() if c != "bn_scale" or net is SmallResNet]
+    results = estimate_importance(model, _data(), criterion=names, num_batches=2, hessian_samples=2)
+    assert set(results) == set(names)
+    for name, scores in results.items():
+        prunable = scores.graph.prunable
+        assert torch.isfinite(scores.neurons[prunable]).all(), name
+        assert torch.isnan(scores.neurons[~prunable]).all(), name
+
+
+def test_taylor_fo_bn_equals_the_squared_autograd_gate_gradient():
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    data = _data()
+    scores = estimate_importance(model, data, criterion="taylor_fo_bn")
+    names = list(scores.gates)
+    ref = gate_gradients(model, names, [(x, y, 1.0) for x, y in data])
+    for name in names:
+        expected = sum(r[name].square() for r in ref) / len(ref)
+        assert relative_error(scores.gates[name], expected) < 1e-4
+
+
+def test_taylor_fo_weight_matches_its_definition():
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    x, y = _data(16)[0]
+    graph = graph_for(model, (x, y))
+    squares = estimate_importance(model, [(x, y)], criterion="taylor_fo_weight", graph=graph)
+    group = estimate_importance(model, [(x, y)], criterion=get_criterion("taylor_fo_weight", form="group"), graph=graph)
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    neuron = 5  # a channel of conv1/bn1
+    sq, gr = 0.0, 0.0
+    for layer, params in writer_parameters(graph).items():
+        rows = torch.nonzero(graph.writers[layer] == neuron).flatten()
+        for p in params.values():
+            prod = (p.grad * p.detach())[rows]
+            sq += float(prod.square().sum())
+            gr += float(prod.sum())
+    assert squares.neurons[neuron] == pytest.approx(sq, rel=1e-4)
+    assert group.neurons[neuron] == pytest.approx(gr**2, rel=1e-4)
+
+
+def _tiny_problem(width=3):
+    torch.manual_seed(0)
+    model = TinyNet(width=width).eval()
+    x = torch.randn(8, 3, 4, 4)
+    y = torch.randint(0, 4, (8,))
+    return model, x, y
+
+
+def test_exact_hessian_diagonal_matches_the_full_hessian():
+    model, x, y = _tiny_problem()
+    w = model.fc.weight
+    loss = F.cross_entropy(model(x), y)
+    (diag,) = hessian_diagonal(loss, [w], method="exact")
+
+    def f(weight):
+        return F.cross_entropy(torch.func.functional_call(model, {"fc.weight": weight}, (x,)), y)
+
+    full = torch.autograd.functional.hessian(f, w.detach()).reshape(w.numel(), w.numel())
+    assert torch.allclose(diag.reshape(-1), full.diagonal(), atol=1e-6)
+
+
+def test_hutchinson_estimate_approaches_the_exact_diagonal():
+    model, x, y = _tiny_problem()
+    names = ["bn2.weight", "fc.weight"]
+    params = [model.get_parameter(n) for n in names]
+    sizes = [p.numel() for p in params]
+
+    def f(flat):
+        values = {n: v.view_as(p) for n, p, v in zip(names, params, flat.split(sizes))}
+        return F.cross_entropy(torch.func.functional_call(model, values, (x,)), y)
+
+    full = torch.autograd.functional.hessian(f, torch.cat([p.detach().flatten() for p in params]))
+    exact = torch.cat([t.flatten() for t in hessian_diagonal(F.cross_entropy(model(x), y), params, method="exact")])
+    assert torch.allclose(exact, full.diagonal(), atol=1e-6)
+    samples = 300
+    est = hessian_diagonal(F.cross_entropy(model(x), y), params, method="hutchinson", samples=samples,
+                           generator=torch.Generator().manual_seed(0))  # fmt: skip
+    est = torch.cat([t.flatten() for t in est])
+    # v_i (Hv)_i = H_ii + sum_{j != i} H_ij v_i v_j: unbiased, with variance sum_{j != i} H_ij^2 per sample
+    std = ((full.square().sum(1) - full.diagonal().square()) / samples).sqrt()
+    assert ((est - exact).abs() <= 5 * std + 1e-7).all()
+    # auto: exact for small parameter sets
+    auto = hessian_diagonal(F.cross_entropy(model(x), y), params, method="auto")
+    assert torch.allclose(torch.cat([t.flatten() for t in auto]), exact)
+
+
+def test_taylor_so_is_the_second_order_change_of_gates():
+    model, x, y = _tiny_problem()
+    scores = estimate_importance(model, [(x, y)], criterion="taylor_so", hessian="exact")
+    gate = scores.graph.gates["bn2"]
+
+    def loss_of(z):
+        handle = gate.module.register_forward_hook(lambda m, a, out: out * z.view(1, -1, 1, 1))
+        try:
+            return F.cross_entropy(model(x), y)
+        finally:
+            handle.remove()
+
+    ones = torch.ones(gate.channels)
+    g = torch.autograd.functional.jacobian(loss_of, ones)
+    h = torch.autograd.functional.hessian(loss_of, ones).diagonal()
+    assert torch.allclose(scores.gates["bn2"], (g - h / 2).square(), rtol=1e-4, atol=1e-10)
+
+
+def test_obd_sums_half_h_w_squared_and_has_a_squared_form():
+    model, x, y = _tiny_problem(width=2)
+    graph = graph_for(model, x)
+    both = estimate_importance(model, [(x, y)], criterion=["obd", get_criterion("obd", form="squared")], graph=graph,
+                               hessian="exact")  # fmt: skip
+    signed, squared = both.values()
+    prunable = graph.prunable
+    assert torch.allclose(squared.neurons[prunable], signed.neurons[prunable].square(), rtol=1e-5)
+    # by hand for one neuron of conv2/bn2: the full Hessian of its parameters
+    neuron = int(graph.gates["bn2"].neurons[1])
+    total = 0.0
+    for layer, params in writer_parameters(graph).items():
+        rows = torch.nonzero(graph.writers[layer] == neuron).flatten()
+        for attr, p in params.items():
+            key = f"{layer}.{attr}"
+
+            def f(value, key=key):
+                return F.cross_entropy(torch.func.functional_call(model, {key: value}, (x,)), y)
+
+            hd = torch.func.hessian(f)(p.detach()).reshape(p.numel(), p.numel()).diagonal().view_as(p)
+            total += float((0.5 * hd * p.detach().square())[rows].sum())
+    assert signed.neurons[neuron] == pytest.approx(total, rel=1e-4, abs=1e-9)
+
+
+def test_activation_criteria_need_no_labels_and_match_their_definitions():
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    x = torch.randn(16, 3, 16, 16)
+    results = estimate_importance(model, [x], criterion=["activation_mean", "apoz"])
+    out = {}
+    handle = model.bn2.register_forward_hook(lambda m, a, o: out.setdefault("bn2", o.detach()))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    act = out["bn2"].clamp_min(0)
+    assert torch.allclose(results["activation_mean"].gates["bn2"], act.mean(dim=(0, 2, 3)), atol=1e-6)
+    assert torch.allclose(results["apoz"].gates["bn2"], (act > 0).float().mean(dim=(0, 2, 3)), atol=1e-6)
+    with pytest.raises(PruningConfigurationError, match="targets"):
+        estimate_importance(model, [x], criterion="taylor_fo_bn")
+
+
+def test_elementwise_taylor_and_taylor_output_definitions():
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    x, y = _data(16)[0]
+    results = estimate_importance(model, [(x, y)], criterion=["taylor_fo_abs", "taylor_fo_sq", "taylor_output"])
+    store = {}
+
+    def hook(m, a, o):
+        o.retain_grad()
+        store["x"] = o
+    handle = model.bn2.register_forward_hook(hook)
+    F.cross_entropy(model(x), y).backward()
+    handle.remove()
+    prod = store["x"].detach() * store["x"].grad
+    assert torch.allclose(results["taylor_fo_abs"].gates["bn2"], prod.abs().mean(dim=(0, 2, 3)), rtol=1e-4)
+    assert torch.allclose(results["taylor_fo_sq"].gates["bn2"], prod.square().mean(dim=(0, 2, 3)), rtol=1e-4)
+    te = prod.mean(dim=(2, 3)).abs().mean(0)
+    assert torch.allclose(results["taylor_output"].gates["bn2"], te / te.norm(), rtol=1e-4)
+    assert results["taylor_output"].gates["bn2"].norm() == pytest.approx(1.0, rel=1e-5)
+
+
+def test_random_gradients_need_no_labels_are_seeded_and_normalisable():
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    x = torch.randn(16, 3, 16, 16)
+    rand = get_criterion("taylor_fo_sq", gradient="random")
+    a = estimate_importance(model, [x], criterion=rand, seed=1)
+    b = estimate_importance(model, [x], criterion=get_criterion("taylor_fo_sq", gradient="random"), seed=1)
+    c = estimate_importance(model, [x], criterion=get_criterion("taylor_fo_sq", gradient="random"), seed=2)
+    norm = estimate_importance(model, [x], criterion=get_criterion("taylor_fo_sq", gradient="random",
+                                                                     normalize_gradient=True), seed=1)  # fmt: skip
+    p = a.graph.prunable
+    assert torch.equal(a.neurons[p], b.neurons[p])
+    assert not torch.equal(a.neurons[p], c.neurons[p])
+    assert not torch.allclose(a.neurons[p], norm.neurons[p])
+    # unit-normalised loss gradients: any criterion, via estimate_importance
+    y = torch.randint(0, 10, (16,))
+    plain = estimate_importance(model, [(x, y)], criterion="taylor_fo_bn")
+    normed = estimate_importance(model, [(x, y)], criterion="taylor_fo_bn", normalize_gradient=True)
+    assert not torch.allclose(plain.neurons[p], normed.neurons[p])
+
+
+def test_prune_once_zeroes_the_lowest_scoring_neurons():
+    torch.manual_seed(0)
+    model = SmallResNet().eval()
+    data = _data()
+    scores = estimate_importance(model, data, criterion="taylor_fo_bn")
+    alive = prune_once(model, scores, num=5)
+    removed = torch.nonzero(~alive).flatten()
+    assert removed.numel() == 5
+    finite = torch.nan_to_num(scores.neurons, nan=float("inf"))
+    assert finite[removed].max() <= finite[alive & scores.graph.prunable].min()
+    for name, gate in scores.graph.gates.items():
+        dead = ~alive[gate.neurons]
+        if gate.kind == "batchnorm" and dead.any():
+            assert (gate.module.weight[dead] == 0).all() and (gate.module.bias[dead] == 0).all()
+
+
+@pytest.mark.parametrize("criterion", NEW + ["taylor_fo_weight:group", "obd:squared"])
+def test_new_criteria_prune_inside_the_callback(criterion):
+    torch.manual_seed(0)
+    name, _, form = criterion.partition(":")
+    cb = TaylorPruningCallback(name, prune_every_n_batches=2, neurons_per_step=3, num_to_prune=6,
+                               criterion_kwargs={"form": form} if form else None)  # fmt: skip
+    module = Classifier(SmallCNN(), example=X16)
+    trainer(callbacks=[cb], max_epochs=1).fit(module, synthetic_loader())
+    assert cb.num_pruned == 6
+    assert all(torch.isfinite(v).all() for v in cb.importance.values())
+    assert any(float(v.abs().sum()) > 0 for v in cb.importance.values())
+
+
+def test_random_gradients_are_refused_inside_the_training_loop():
+    cb = TaylorPruningCallback("taylor_fo_sq", prune_every_n_batches=2, neurons_per_step=3, num_to_prune=6,
+                               criterion_kwargs={"gradient": "random"})  # fmt: skip
+    with pytest.raises(PruningConfigurationError, match="estimate_importance"):
+        trainer(callbacks=[cb], max_epochs=1).fit(Classifier(SmallCNN(), example=X16), synthetic_loader())
+
+
+def test_obd_weight_pruning_once_and_in_the_training_loop():
+    from lightning_prune.importance.obd_weights import OBDWeightPruningCallback, obd_weight_masks
+
+    model, x, y = _tiny_problem(width=2)
+    masks = obd_weight_masks(model, [(x, y)], fraction=0.25, hessian="exact")
+    total = sum(m.numel() for m in masks.values())
+    removed = total - sum(int(m.sum()) for m in masks.values())
+    assert removed == round(0.25 * total)
+    params = dict(model.named_parameters())
+    for name, mask in masks.items():
+        assert (params[name][~mask] == 0).all()
+
+    torch.manual_seed(0)
+    cb = OBDWeightPruningCallback(prune_every_n_batches=2, fraction_per_step=0.1, target_sparsity=0.3)
+    module = Classifier(SmallCNN(), example=X16)
+    trainer(callbacks=[cb], max_epochs=2).fit(module, synthetic_loader())
+    assert cb.sparsity == pytest.approx(0.3, abs=0.01)
+    for name, p in module.named_parameters():
+        if name in cb.masks:
+            assert (p[~cb.masks[name]] == 0).all()  # zeroed and frozen through training
