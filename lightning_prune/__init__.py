@@ -1,6 +1,7 @@
 """lightning-prune: structural pruning guided by importance estimation, as a PyTorch Lightning callback."""
 
 from lightning_prune.callbacks import TaylorPruningCallback
+from lightning_prune.compaction import CompactionError, CompactModelMismatchError, compact, load_compact, save_compact
 from lightning_prune.dependency import DependencyGraph, build_dependency_graph
 from lightning_prune.errors import PruningConfigurationError, UnsupportedModelError, UnsupportedStrategyError
 from lightning_prune.importance import Criterion, available_criteria, get_criterion, register_criterion
@@ -8,6 +9,8 @@ from lightning_prune.importance import Criterion, available_criteria, get_criter
 __version__ = "0.1.0"
 
 __all__ = [
+    "CompactModelMismatchError",
+    "CompactionError",
     "Criterion",
     "DependencyGraph",
     "PruningConfigurationError",
@@ -16,6 +19,9 @@ __all__ = [
     "UnsupportedStrategyError",
     "available_criteria",
     "build_dependency_graph",
+    "compact",
     "get_criterion",
+    "load_compact",
     "register_criterion",
+    "save_compact",
 ]

@@ -1,0 +1,27 @@
+"""Physical compaction of a pruned network: smaller layers, saved, loaded and exported."""
+
+from lightning_prune.compaction.compact import (
+    CompactionError,
+    alive_from_masks,
+    architecture_fingerprint,
+    compact,
+    compact_info,
+    round_masks,
+)
+from lightning_prune.compaction.export import export_onnx, export_program, onnx_available
+from lightning_prune.compaction.serialization import CompactModelMismatchError, load_compact, save_compact
+
+__all__ = [
+    "CompactModelMismatchError",
+    "CompactionError",
+    "alive_from_masks",
+    "architecture_fingerprint",
+    "compact",
+    "compact_info",
+    "export_onnx",
+    "export_program",
+    "load_compact",
+    "onnx_available",
+    "round_masks",
+    "save_compact",
+]
