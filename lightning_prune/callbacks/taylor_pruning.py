@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -17,6 +18,7 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_prune.dependency import GATE_PLACEMENTS, DependencyGraph, build_dependency_graph
+from lightning_prune.distributed import broadcast_decision, mean_over_ranks
 from lightning_prune.errors import PruningConfigurationError, UnsupportedModelError, UnsupportedStrategyError
 from lightning_prune.importance import Criterion, GateGradients, get_criterion
 from lightning_prune.pruner import CostModel, NeuronMasks, NeuronSelector, neuron_scores, reset_optimizer_state
@@ -58,6 +60,11 @@ class TaylorPruningCallback(Callback):
             ``"hooks"`` always uses explicit gates. Use ``"hooks"`` if the loss adds a penalty on the weights.
         history_dir: where ``pruning_history.{json,csv}`` go; by default the trainer's log dir.
         criterion_kwargs: arguments for the criterion's constructor (e.g. ``{"seed": 1}`` for ``random``).
+        compact_on_fit_end: at the end of fit, physically remove the pruned neurons
+            (:func:`lightning_prune.compact`): the result is ``callback.compact_model``, written on rank zero
+            with :func:`lightning_prune.save_compact` to ``compact_path``.
+        compact_path: where the compact model goes; by default ``compact_model.pt`` in the trainer's log dir.
+        compact_round_to: keep a multiple of this many channels per layer in the compact model.
     """
 
     def __init__(
@@ -82,6 +89,9 @@ class TaylorPruningCallback(Callback):
         gate_gradient: Literal["auto", "hooks"] = "auto",
         history_dir: str | None = None,
         criterion_kwargs: dict[str, Any] | None = None,
+        compact_on_fit_end: bool = False,
+        compact_path: str | None = None,
+        compact_round_to: int | None = None,
     ) -> None:
         super().__init__()
         _check(isinstance(prune_every_n_batches, int) and prune_every_n_batches >= 1,
@@ -119,6 +129,13 @@ class TaylorPruningCallback(Callback):
         self.example_input = example_input
         self.gate_gradient = gate_gradient
         self.history_dir = history_dir
+        _check(compact_round_to is None or (isinstance(compact_round_to, int) and compact_round_to >= 1),
+               f"compact_round_to must be a positive int, got {compact_round_to!r}")  # fmt: skip
+        self.compact_on_fit_end = compact_on_fit_end
+        self.compact_path = compact_path
+        self.compact_round_to = compact_round_to
+        self.compact_model: nn.Module | None = None
+        self.compact_file: str | None = None
 
         self.graph: DependencyGraph | None = None
         self.importance: dict[str, torch.Tensor] = {}
@@ -331,16 +348,19 @@ class TaylorPruningCallback(Callback):
             )
         else:
             self.importance = self.criterion.static_scores(self.graph)
+        if self._loss is not None and trainer.world_size > 1:
+            # the smoothed loss of the global batch (the moving average is linear: mean over ranks)
+            self._loss = mean_over_ranks(trainer, self._loss)
         loss = None if self._loss is None else float(self._loss)
+        count = min(self._step_size, self._target - self.num_pruned)
         if self.max_loss is not None and loss is not None and loss > self.max_loss:
             stop = True
             chosen = torch.empty(0, dtype=torch.long)
         else:
-            count = min(self._step_size, self._target - self.num_pruned)
             chosen = self._selector.select(neuron_scores(self.graph, self.importance), self._alive, count)
             stop = False
-        # one decision for every rank, even if floating point ever differed between them
-        chosen, stop = trainer.strategy.broadcast((chosen, stop))
+        # one decision for every rank (rank zero's), even if floating point ever differed between them
+        chosen, stop = broadcast_decision(trainer, chosen, stop, count)
         if stop:
             self._finish(trainer, f"smoothed training loss {loss:.4f} exceeded max_loss={self.max_loss}")
             return
@@ -383,6 +403,7 @@ class TaylorPruningCallback(Callback):
             reset_optimizer_state(trainer.optimizers)
         if self._grads is not None:
             self._grads.detach()
+        self.criterion.detach()  # hooks of criteria that record activations are no longer needed
         self._interval_sum, self._interval_count = {}, 0
         rank_zero_info(f"TaylorPruningCallback: pruning finished ({reason}) with {self.num_pruned} neurons removed.")
 
@@ -411,6 +432,23 @@ class TaylorPruningCallback(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.history:
             self._write_history(trainer)
+        if self.compact_on_fit_end and self.graph is not None:
+            self._compact(trainer)
+
+    def _compact(self, trainer: pl.Trainer) -> None:
+        """Cut the removed neurons out of the network (every rank), write it on rank zero."""
+        from lightning_prune.compaction import compact, save_compact
+
+        prefix = min(self.graph.modules, key=len)  # modules maps prefix + name; the network is prefix + ""
+        self.compact_model = compact(
+            self.graph.modules[prefix], self.masks, graph=self.graph,
+            round_to=self.compact_round_to, scores=self.importance or None,
+        )  # fmt: skip
+        if trainer.is_global_zero:
+            directory = trainer.log_dir or trainer.default_root_dir
+            path = self.compact_path or os.path.join(directory, "compact_model.pt")
+            self.compact_file = str(save_compact(self.compact_model, path))
+            rank_zero_info(f"TaylorPruningCallback: compact model written to {self.compact_file}")
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

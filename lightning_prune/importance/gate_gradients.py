@@ -57,6 +57,9 @@ class GateGradients:
         self.gates = {g.name: g for g in gates}
         self.per_sample = per_sample
         self.hooked = {n for n, g in self.gates.items() if per_sample or force_hooks or not g.gradient_from_parameters}
+        # where the totals come from explicit gates: elsewhere parameter gradients hold them already
+        # (under DDP averaged over ranks, so they need no communication even for per-sample criteria)
+        self.hook_totals = {n for n in self.hooked if force_hooks or not self.gates[n].gradient_from_parameters}
         self._handles: list[RemovableHandle] = []
         self._live: dict[str, list[torch.Tensor]] = {n: [] for n in self.hooked}
         self.total: dict[str, torch.Tensor] = {}
@@ -94,34 +97,49 @@ class GateGradients:
     def collect(self, scale: float = 1.0, world_size: int = 1) -> None:
         """Read the gradients of the backward that just ran."""
         for name, gate in self.gates.items():
-            if name not in self.hooked:
+            if name not in self.hook_totals:
                 # parameter gradients already hold the sum over accumulated micro-batches
                 self.total[name] = parameter_gate_gradient(gate) / scale
+            if name not in self.hooked:
                 continue
             for z in self._live[name]:
                 if z.grad is None:
                     continue
                 per_sample = z.grad.reshape(z.shape[0], -1) / scale
-                self._add(self._hook_total, name, per_sample.sum(0))
+                if name in self.hook_totals:
+                    self._add(self._hook_total, name, per_sample.sum(0))
                 if self.per_sample:
                     self._add(self.squares, name, (per_sample / world_size).square().sum(0))
             self._live[name].clear()
 
     def finish(self, world_size: int = 1) -> bool:
-        """Complete the step's gradients (summing hook results over ranks); False if none was collected."""
-        if self._hook_total and world_size > 1 and dist.is_available() and dist.is_initialized():
-            names = sorted(self._hook_total)
-            parts = [self._hook_total[n] for n in names] + [self.squares[n] for n in names if n in self.squares]
-            flat = torch.cat(parts)
-            dist.all_reduce(flat)
-            chunks = flat.split([p.numel() for p in parts])
-            for i, n in enumerate(names):
-                self._hook_total[n] = chunks[i]
-            for j, n in enumerate(n for n in names if n in self.squares):
-                self.squares[n] = chunks[len(names) + j]
+        """Complete the step's gradients (summing hook results over ranks); False if none was collected.
+
+        Under DDP the explicit-gate sums (``total`` of gates without parameter gradients, ``squares``)
+        of all ranks are added in one ``all_reduce`` of one flat tensor, laid out in the same order on
+        every rank (zeros for a gate this rank saw no gradient for), then totals are divided by
+        ``world_size``; per-sample gradients were divided by it before squaring in :meth:`collect`.
+        """
+        if world_size > 1 and dist.is_available() and dist.is_initialized():
+            keys = [(self._hook_total, n) for n in sorted(self.hook_totals)]
+            if self.per_sample:
+                keys += [(self.squares, n) for n in sorted(self.hooked)]
+            if keys:
+                parts = [store[n] if n in store else self._zeros(n) for store, n in keys]
+                flat = torch.cat(parts)
+                dist.all_reduce(flat)
+                for (store, n), chunk in zip(keys, flat.split([p.numel() for p in parts])):
+                    store[n] = chunk
         for name, value in self._hook_total.items():
             self.total[name] = value / world_size
         return bool(self.total)
+
+    def _zeros(self, name: str) -> torch.Tensor:
+        """Stand-in for a gate that got no gradient on this rank: the dtype every rank agrees on."""
+        gate = self.gates[name]
+        ref = next((t for t in (*gate.module.parameters(), *gate.module.buffers()) if t.is_floating_point()), None)
+        dtype = _accumulation_dtype(ref.dtype) if ref is not None else torch.float32
+        return torch.zeros(gate.channels, dtype=dtype, device=ref.device if ref is not None else "cpu")
 
     def reset(self) -> None:
         self.total, self.squares, self._hook_total = {}, {}, {}
