@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import io
+import tarfile
 import tempfile
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
+from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_prune.data import CIFAR10_CLASSES
 
 
 class SmallCNN(nn.Module):
@@ -143,6 +149,22 @@ def gate_gradients(model: nn.Module, names: list[str], batches, per_sample: bool
                 h.remove()
         results.append({n: g.reshape(g.shape[0], -1) if per_sample else g.flatten() for n, g in zip(names, grads)})
     return results
+
+
+def fake_cifar_archive(path: Path, per_class: int, image_format: str = "PNG") -> Path:
+    """A tiny archive with the CIFAR-10 JPEG archive's layout; pixel values encode (class, index)."""
+    suffix = "jpg" if image_format == "JPEG" else image_format.lower()
+    with tarfile.open(path, "w:gz") as tar:
+        for split in ("test", "train"):
+            for label, name in enumerate(CIFAR10_CLASSES):
+                for i in range(per_class):
+                    buf = io.BytesIO()
+                    Image.new("RGB", (32, 32), (label * 20, i * 20, 0)).save(buf, format=image_format)
+                    info = tarfile.TarInfo(f"cifar10-jpeg/{split}/{name}/{i:04d}.{suffix}")
+                    info.size = buf.tell()
+                    buf.seek(0)
+                    tar.addfile(info, buf)
+    return path
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:

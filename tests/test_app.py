@@ -4,10 +4,8 @@ subset, multirun + report, data modules, model factories and error messages."""
 
 from __future__ import annotations
 
-import io
 import json
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,7 @@ import torch
 import yaml
 from hydra import compose, initialize_config_dir
 from PIL import Image
+from helpers import fake_cifar_archive
 from torch import nn
 
 from lightning_prune.__main__ import main
@@ -29,7 +28,6 @@ from lightning_prune.app import (
 from lightning_prune.app.config import available_recipes, config_dir, register_resolvers
 from lightning_prune.app.models import cifar_resnet, torchvision_model, vgg11_bn_no_dropout
 from lightning_prune.app.report import main as report_main
-from lightning_prune.data import CIFAR10_CLASSES
 
 IMAGENET_RECIPES = {
     "imagenet_resnet50_taylor_fo_bn_56": ("resnet50", 0.56),
@@ -251,23 +249,15 @@ def test_multirun_sweep_and_report(data_dir: Path, tmp_path: Path, capsys: pytes
 
 
 # ------------------------------------------------------------------------------------------- data modules
-def _fake_archive(path: Path, per_class: int) -> Path:
-    with tarfile.open(path, "w:gz") as tar:
-        for split in ("test", "train"):
-            for label, name in enumerate(CIFAR10_CLASSES):
-                for i in range(per_class):
-                    buf = io.BytesIO()
-                    Image.new("RGB", (32, 32), (label * 20, i * 20, 0)).save(buf, format="JPEG")
-                    info = tarfile.TarInfo(f"cifar10-jpeg/{split}/{name}/{i:04d}.jpg")
-                    info.size = buf.tell()
-                    buf.seek(0)
-                    tar.addfile(info, buf)
-    return path
+
+def _jpeg_archive(path: Path, per_class: int) -> Path:
+    return fake_cifar_archive(path, per_class, image_format="JPEG")
+
 
 
 @pytest.mark.parametrize("mode", ["memory", "folder"])
 def test_cifar10_jpeg_modes(mode: str, tmp_path: Path) -> None:
-    archive = _fake_archive(tmp_path / "fake.tar.gz", per_class=3)
+    archive = _jpeg_archive(tmp_path / "fake.tar.gz", per_class=3)
     dm = CIFAR10JPEGDataModule(archive=archive, mode=mode, train_per_class=2, val_per_class=1,
                                cache_dir=tmp_path / "cache", batch_size=4)  # fmt: skip
     dm.prepare_data()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import pickle
 import tarfile
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.fx
-from PIL import Image
+from helpers import fake_cifar_archive
 from torch import nn
 
 from lightning_prune.data import (
@@ -141,23 +140,10 @@ def test_missing_archive(tmp_path: Path) -> None:
         extract_cifar10_jpeg(missing, tmp_path)
 
 
-def _fake_archive(path: Path, per_class: int) -> Path:
-    """A tiny archive with the real layout; pixel value encodes (class, index)."""
-    with tarfile.open(path, "w:gz") as tar:
-        for split in ("test", "train"):
-            for label, name in enumerate(CIFAR10_CLASSES):
-                for i in range(per_class):
-                    buf = io.BytesIO()
-                    Image.new("RGB", (32, 32), (label * 20, i * 20, 0)).save(buf, format="PNG")
-                    info = tarfile.TarInfo(f"cifar10-jpeg/{split}/{name}/{i:04d}.png")
-                    info.size = buf.tell()
-                    buf.seek(0)
-                    tar.addfile(info, buf)
-    return path
 
 
 def test_subset_loader_and_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    archive = _fake_archive(tmp_path / "fake.tar.gz", per_class=3)
+    archive = fake_cifar_archive(tmp_path / "fake.tar.gz", per_class=3)
     cache = tmp_path / "cache"
     subset = load_cifar10_jpeg_subset(
         archive, "train", per_class=2, mean=(0, 0, 0), std=(1, 1, 1), cache_dir=cache
@@ -176,14 +162,14 @@ def test_subset_loader_and_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         )
     assert cached.tensors[0].shape == (20, 1, 4, 4)
 
-    _fake_archive(archive, per_class=4)  # a changed archive must not reuse the old entry
+    fake_cifar_archive(archive, per_class=4)  # a changed archive must not reuse the old entry
     assert len(load_cifar10_jpeg_subset(archive, "test", per_class=4, cache_dir=cache)) == 40
     assert len(load_cifar10_jpeg_subset(archive, "train", per_class=2, cache_dir=cache)) == 20
     assert len(list(cache.glob("*.pt"))) == 3
 
 
 def test_extract(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    archive = _fake_archive(tmp_path / "fake.tar.gz", per_class=1)
+    archive = fake_cifar_archive(tmp_path / "fake.tar.gz", per_class=1)
     root = extract_cifar10_jpeg(archive, tmp_path / "cache")
     assert sorted(p.name for p in root.iterdir()) == ["test", "train"]
     assert sorted(p.name for p in (root / "test").iterdir()) == list(CIFAR10_CLASSES)
