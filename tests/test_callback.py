@@ -367,3 +367,10 @@ def test_sharded_strategies_are_rejected():
     fake_trainer = types.SimpleNamespace(strategy=FSDPStrategy())
     with pytest.raises(UnsupportedStrategyError, match="FSDPStrategy"):
         cb.setup(fake_trainer, Classifier(SmallCNN()), "fit")
+
+
+def test_flops_target_stops_pruning():
+    cb = TaylorPruningCallback(prune_every_n_batches=1, neurons_per_step=4, keep_ratio=0.1, target_flops_ratio=0.8)
+    _fit(SmallCNN(), cb, max_epochs=2)
+    assert cb.done and "FLOPs target" in cb.stop_reason
+    assert cb.history[-1].flops <= 0.8 * cb.initial_flops < cb.history[-2].flops

@@ -10,7 +10,7 @@ from lightning_prune.app.datamodules import (
     SyntheticDataModule,
 )
 from lightning_prune.app.lightning_module import ClassificationModule
-from lightning_prune.app.run import Pipeline, PruningCallback, run
+from lightning_prune.app.run import Pipeline, run
 
 __all__ = [
     "CIFAR10DataModule",
@@ -20,7 +20,6 @@ __all__ = [
     "ImageFolderDataModule",
     "ImageNetDataModule",
     "Pipeline",
-    "PruningCallback",
     "SyntheticDataModule",
     "run",
 ]

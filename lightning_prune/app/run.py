@@ -35,29 +35,6 @@ CURVE_CSV = "pruning_curve.csv"
 COMPACT_FILE = "compact_model.pt"
 
 
-class PruningCallback(TaylorPruningCallback):
-    """:class:`TaylorPruningCallback` that can also stop once the network's FLOPs fall to
-    ``target_flops_ratio`` of the initial FLOPs (``keep_ratio``/``num_to_prune`` then only cap it)."""
-
-    def __init__(self, *args: Any, target_flops_ratio: float | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        if target_flops_ratio is not None and not 0 < target_flops_ratio < 1:
-            raise ValueError(f"target_flops_ratio must be in (0, 1), got {target_flops_ratio!r}")
-        self.target_flops_ratio = target_flops_ratio
-
-    def _remove(self, trainer: pl.Trainer, chosen: torch.Tensor, loss: float | None) -> None:
-        super()._remove(trainer, chosen, loss)
-        if (
-            self.target_flops_ratio is not None
-            and not self.done
-            and self.initial_flops
-            and self.history
-            and self.history[-1].flops <= self.target_flops_ratio * self.initial_flops
-        ):
-            self._finish(trainer, f"FLOPs target reached ({self.history[-1].flops / self.initial_flops:.3f} "
-                                  f"<= {self.target_flops_ratio})")  # fmt: skip
-
-
 class StopWhenPruned(Callback):
     """Ends the pruning stage as soon as the pruning callback has reached its target."""
 
@@ -155,7 +132,7 @@ class Pipeline:
         self.cfg = cfg
         self.output_dir = Path(output_dir)
         self.metrics: dict[str, Any] = {"recipe": cfg.get("name"), "stages": {}}
-        self.pruning: PruningCallback | None = None
+        self.pruning: TaylorPruningCallback | None = None
         self.curve: PruningCurve | None = None
         self.compact_model: nn.Module | None = None
         self._start = time.time()
@@ -241,7 +218,7 @@ class Pipeline:
         self.metrics.setdefault("fit_steps", {})[stage] = trainer.global_step
         return elapsed
 
-    def make_pruning_callback(self) -> PruningCallback:
+    def make_pruning_callback(self) -> TaylorPruningCallback:
         p = OmegaConf.to_container(self.cfg.pruning, resolve=True)
         p.pop("enabled", None)
         p.pop("curve", None)
@@ -251,7 +228,7 @@ class Pipeline:
         p.setdefault("example_input", self.module.example_input_array)
         if p.get("criterion") == "random":  # the run's seed draws the random ranking unless given
             p["criterion_kwargs"] = {"seed": self.cfg.seed, **(p.get("criterion_kwargs") or {})}
-        return PruningCallback(module_name="model", **p)
+        return TaylorPruningCallback(module_name="model", **p)
 
     def _probe_batches(self) -> list:
         """``pruning.curve.samples`` validation examples drawn at random (seeded, so every class is

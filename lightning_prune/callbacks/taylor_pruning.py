@@ -51,6 +51,8 @@ class TaylorPruningCallback(Callback):
         leaf_modules: modules that tracing must not enter (their channels stay unpruned).
         prune_residual: also prune channels tied by residual connections (``False`` is the paper's "No skip").
         max_loss: stop pruning early once the smoothed training loss exceeds this value.
+        target_flops_ratio: also stop once the FLOPs of the network, with removed neurons cut out, fall to
+            this fraction of the initial FLOPs (``keep_ratio``/``num_to_prune`` then only cap the removal).
         loss_smoothing: weight of the past in the training loss' moving average.
         module_name: the submodule of the LightningModule holding the network. By default the
             LightningModule itself, or the first direct child it calls if its own forward is unused.
@@ -83,6 +85,7 @@ class TaylorPruningCallback(Callback):
         leaf_modules: Sequence[str] = (),
         prune_residual: bool = True,
         max_loss: float | None = None,
+        target_flops_ratio: float | None = None,
         loss_smoothing: float = 0.9,
         module_name: str | None = None,
         example_input: Any = None,
@@ -110,6 +113,8 @@ class TaylorPruningCallback(Callback):
         _check(gate_placement in GATE_PLACEMENTS, f"gate_placement must be one of {GATE_PLACEMENTS}, got {gate_placement!r}")
         _check(isinstance(min_channels, int) and min_channels >= 1, f"min_channels must be an int >= 1, got {min_channels!r}")
         _check(max_loss is None or max_loss > 0, f"max_loss must be positive, got {max_loss!r}")
+        _check(target_flops_ratio is None or 0 < target_flops_ratio < 1,
+               f"target_flops_ratio must be in (0, 1), got {target_flops_ratio!r}")  # fmt: skip
         _check(gate_gradient in ("auto", "hooks"), f"gate_gradient must be 'auto' or 'hooks', got {gate_gradient!r}")
         self.criterion = get_criterion(criterion, **(criterion_kwargs or {}))
         self.prune_every_n_batches = prune_every_n_batches
@@ -124,6 +129,7 @@ class TaylorPruningCallback(Callback):
         self.leaf_modules = tuple(leaf_modules)
         self.prune_residual = prune_residual
         self.max_loss = max_loss
+        self.target_flops_ratio = target_flops_ratio
         self.loss_smoothing = loss_smoothing
         self.module_name = module_name
         self.example_input = example_input
@@ -367,6 +373,10 @@ class TaylorPruningCallback(Callback):
         self._remove(trainer, chosen, loss)
         if self.num_pruned >= self._target:
             self._finish(trainer, "target reached")
+        elif self.target_flops_ratio is not None and self.initial_flops:
+            ratio = self.history[-1].flops / self.initial_flops
+            if ratio <= self.target_flops_ratio:
+                self._finish(trainer, f"FLOPs target reached ({ratio:.3f} <= {self.target_flops_ratio})")
 
     def _remove(self, trainer: pl.Trainer, chosen: torch.Tensor, loss: float | None) -> None:
         assert self.graph is not None and self._alive is not None
