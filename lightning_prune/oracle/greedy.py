@@ -202,24 +202,34 @@ def oracle_importance(
     if neurons is None:
         neurons = torch.nonzero(alive & graph.prunable).flatten().tolist()
     runner = SuffixRunner(graph, loss_fn, reuse_activations)
+    base, losses, count = _mean_losses(model, batches, runner, [[n] for n in neurons], removed)
+    signed = torch.full((graph.num_neurons,), float("nan"), dtype=torch.float64)
+    signed[torch.tensor(neurons, dtype=torch.long)] = losses - base
+    return OracleScores(signed, signed.square(), base, time.perf_counter() - start,
+                        len(neurons) * len(batches), count)  # fmt: skip
+
+
+def _mean_losses(
+    model: nn.Module, batches: list[Any], runner: SuffixRunner, subsets: Sequence[Iterable[int]], removed: list[int]
+) -> tuple[float, torch.Tensor, int]:
+    """Mean loss over ``batches`` (eval mode) with ``removed`` gone, and with each subset also gone;
+    and the number of examples."""
+    device = next(model.parameters()).device
     modes = {m: m.training for m in model.modules()}
     model.eval()
-    base_total, totals, count = 0.0, torch.zeros(len(neurons), dtype=torch.float64), 0
+    base_total, totals, count = 0.0, torch.zeros(len(subsets), dtype=torch.float64), 0
     try:
         for batch in batches:
             x, y = split_batch(batch)
             x, y = _to(x, device), _to(y, device)
-            base, losses = runner.evaluate(x, y, [[n] for n in neurons], removed)
+            base, losses = runner.evaluate(x, y, subsets, removed)
             base_total += base
             totals += torch.tensor(losses, dtype=torch.float64)
             count += y.shape[0]
     finally:
         for m, training in modes.items():
             m.training = training
-    signed = torch.full((graph.num_neurons,), float("nan"), dtype=torch.float64)
-    signed[torch.tensor(neurons, dtype=torch.long)] = (totals - base_total) / count
-    return OracleScores(signed, signed.square(), base_total / count, time.perf_counter() - start,
-                        len(neurons) * len(batches), count)  # fmt: skip
+    return base_total / count, totals / count, count
 
 
 def subset_losses(
@@ -233,22 +243,6 @@ def subset_losses(
     num_batches: int | None = None,
 ) -> tuple[float, torch.Tensor]:
     """Mean loss with ``removed`` gone (first) and with each subset of neurons also gone."""
-    batches = _batches(data, num_batches)
-    device = next(model.parameters()).device
     runner = SuffixRunner(graph, loss_fn)
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    removed = list(removed)
-    base_total, totals, count = 0.0, torch.zeros(len(subsets), dtype=torch.float64), 0
-    try:
-        for batch in batches:
-            x, y = split_batch(batch)
-            x, y = _to(x, device), _to(y, device)
-            base, losses = runner.evaluate(x, y, subsets, removed)
-            base_total += base
-            totals += torch.tensor(losses, dtype=torch.float64)
-            count += y.shape[0]
-    finally:
-        for m, training in modes.items():
-            m.training = training
-    return base_total / count, totals / count
+    base, losses, _ = _mean_losses(model, _batches(data, num_batches), runner, subsets, list(removed))
+    return base, losses
