@@ -71,12 +71,16 @@ def load_state_dict_file(model: nn.Module, path: str | os.PathLike, strict: bool
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
+    model.load_state_dict(_read_state_dict(path), strict=strict)
+    return model
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The ``state_dict`` in ``path`` (unwrapped from a checkpoint), with wrapper prefixes stripped."""
     state = torch.load(path, map_location="cpu", weights_only=False)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
-    state = {_strip(k): v for k, v in state.items()}
-    model.load_state_dict(state, strict=strict)
-    return model
+    return {_strip(k): v for k, v in state.items()}
 
 
 def _strip(key: str) -> str:
@@ -148,10 +152,7 @@ def torchvision_model(
         path = Path(weights)
         if not path.is_file():
             raise FileNotFoundError(f"weights file not found: {path} (model.weights)")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    state = {_strip(k): v for k, v in state.items()}
+    state = _read_state_dict(path)
     if arch == "densenet201":
         state = _densenet_legacy_keys(state)
     own = model.state_dict()
