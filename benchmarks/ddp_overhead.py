@@ -37,33 +37,14 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_prune import TaylorPruningCallback
 from lightning_prune.distributed import CollectiveCounter
-from lightning_prune.models import cifar_resnet20
+from overhead import ResNet20Classifier  # same network and optimizer as the single-process benchmark
 
 CONFIGS = ("none", "taylor_fo_bn", "taylor_fo_bn_fg")
 RESULTS = Path(__file__).resolve().parent / "results" / "ddp_overhead.json"
-
-
-class _Module(pl.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.model = cifar_resnet20()
-        self.example_input_array = torch.zeros(2, 3, 32, 32)
-
-    def forward(self, x):
-        return self.model(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
 
 
 class _Probe(pl.Callback):
@@ -115,7 +96,7 @@ def _fit(config: str, args, loader: DataLoader, root: str) -> tuple[_Probe, Tayl
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         limit_val_batches=0, default_root_dir=root,
     )  # fmt: skip
-    trainer.fit(_Module(), loader)
+    trainer.fit(ResNet20Classifier(), loader)
     return probe, pruner, trainer
 
 
@@ -192,7 +173,7 @@ def main() -> None:
     if rank != 0:
         return
 
-    params = sum(p.numel() for p in _Module().parameters())
+    params = sum(p.numel() for p in ResNet20Classifier().parameters())
     # step-time ratio: per trial (configurations run back to back), median over trials; and from the
     # 10th percentile of all steps (the least disturbed ones: robust to other load on the machine)
     ratios = {c: [m / b for m, b in zip(trial_medians[c], trial_medians["none"])] for c in CONFIGS}

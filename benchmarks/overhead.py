@@ -27,9 +27,12 @@ from lightning_prune import TaylorPruningCallback
 from lightning_prune.models import cifar_resnet20
 
 
-class _Module(pl.LightningModule):
+class ResNet20Classifier(pl.LightningModule):
+    """CIFAR ResNet-20 with cross-entropy and SGD, the same initial weights in every process."""
+
     def __init__(self) -> None:
         super().__init__()
+        torch.manual_seed(0)
         self.model = cifar_resnet20()
         self.example_input_array = torch.zeros(1, 3, 32, 32)
 
@@ -77,7 +80,7 @@ def _trial(steps: int, warmup: int, loader: DataLoader, criterion: str | None, c
         enable_model_summary=False,
         default_root_dir=tempfile.mkdtemp(),
     )
-    trainer.fit(_Module(), loader)
+    trainer.fit(ResNet20Classifier(), loader)
     return timer.times
 
 
