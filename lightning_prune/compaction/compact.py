@@ -394,7 +394,7 @@ class _Builder:
                 in_kept = self.kept[x]
                 if in_kept.numel() == 0:
                     return None
-                self.root.set_submodule(name, _slice_conv(module, in_kept, out_kept))
+                self.root.set_submodule(name, _slice_dense(module, in_kept, out_kept))
                 self.kept[node] = out_kept
                 return self.copy(node, (self.env[x],), {})
             if module.groups == module.in_channels == module.out_channels:
@@ -403,7 +403,7 @@ class _Builder:
                 return self.copy(node, (self.at(x, out_kept),), {})
             return None
         if isinstance(module, nn.Linear) and x_tag.dim == x_tag.ndim - 1:
-            self.root.set_submodule(name, _slice_linear(module, self.kept[x], out_kept))
+            self.root.set_submodule(name, _slice_dense(module, self.kept[x], out_kept))
             self.kept[node] = out_kept
             return self.copy(node, (self.env[x],), {})
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and x_tag.dim == 1:
@@ -423,7 +423,7 @@ class _Builder:
             return self.graph.call_method("narrow", (self.env[x], out.dim, 0, 0))
         # run a one-channel stand-in only for the output's shape (stride, padding, dilation)
         one = torch.zeros(1, dtype=torch.long)
-        layer = _slice_linear(module, self.kept[x], one) if isinstance(module, nn.Linear) else _slice_conv(module, self.kept[x], one)
+        layer = _slice_dense(module, self.kept[x], one)
         self.root.set_submodule(name, layer)
         value = self.copy(node, (self.env[x],), {})
         return self.graph.call_method("narrow", (value, out.dim, 0, 0))
@@ -624,13 +624,17 @@ def _param(tensor: torch.Tensor, like: nn.Parameter) -> nn.Parameter:
 # The layers below belong to the builder's own deep copy of the model: they are sliced in place.
 
 
-def _slice_conv(conv: nn.modules.conv._ConvNd, inputs: torch.Tensor, outputs: torch.Tensor) -> nn.Module:
-    dev = conv.weight.device
-    conv.weight = _param(conv.weight[outputs.to(dev)][:, inputs.to(dev)], conv.weight)
-    if conv.bias is not None:
-        conv.bias = _param(conv.bias[outputs.to(dev)], conv.bias)
-    conv.in_channels, conv.out_channels = inputs.numel(), outputs.numel()
-    return conv
+def _slice_dense(layer: nn.Module, inputs: torch.Tensor, outputs: torch.Tensor) -> nn.Module:
+    """Keep rows ``outputs`` and columns ``inputs`` of a Conv (groups == 1) or Linear weight, and its bias."""
+    dev = layer.weight.device
+    layer.weight = _param(layer.weight[outputs.to(dev)][:, inputs.to(dev)], layer.weight)
+    if layer.bias is not None:
+        layer.bias = _param(layer.bias[outputs.to(dev)], layer.bias)
+    if isinstance(layer, nn.Linear):
+        layer.in_features, layer.out_features = inputs.numel(), outputs.numel()
+    else:
+        layer.in_channels, layer.out_channels = inputs.numel(), outputs.numel()
+    return layer
 
 
 def _slice_depthwise(conv: nn.modules.conv._ConvNd, channels: torch.Tensor) -> nn.Module:
@@ -640,15 +644,6 @@ def _slice_depthwise(conv: nn.modules.conv._ConvNd, channels: torch.Tensor) -> n
         conv.bias = _param(conv.bias[idx], conv.bias)
     conv.in_channels = conv.out_channels = conv.groups = channels.numel()
     return conv
-
-
-def _slice_linear(linear: nn.Linear, inputs: torch.Tensor, outputs: torch.Tensor) -> nn.Module:
-    dev = linear.weight.device
-    linear.weight = _param(linear.weight[outputs.to(dev)][:, inputs.to(dev)], linear.weight)
-    if linear.bias is not None:
-        linear.bias = _param(linear.bias[outputs.to(dev)], linear.bias)
-    linear.in_features, linear.out_features = inputs.numel(), outputs.numel()
-    return linear
 
 
 def _slice_batchnorm(bn: nn.modules.batchnorm._BatchNorm, channels: torch.Tensor) -> nn.Module:
