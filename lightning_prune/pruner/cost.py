@@ -46,9 +46,9 @@ class CostModel:
         }
         self._other_params = sum(p.numel() for p in model.parameters()) - sum(self._layer_params.values())
 
-    def _fractions(self, name: str, alive: torch.Tensor) -> tuple[float, float]:
-        """(kept input fraction, kept output fraction) of layer ``name``."""
-        padded = torch.cat([alive, torch.tensor([False])])
+    def _fractions(self, name: str, padded: torch.Tensor) -> tuple[float, float]:
+        """(kept input fraction, kept output fraction) of layer ``name``; ``padded`` is the alive mask
+        with a last False entry, so that index -1 (a structurally zero channel) reads as removed."""
         inputs = self.graph.readers.get(name)
         outputs = self.graph.writers.get(name)
         fin = float(padded[inputs].float().mean()) if inputs is not None and inputs.numel() else 1.0
@@ -60,16 +60,18 @@ class CostModel:
 
     def flops(self, alive: torch.Tensor) -> float:
         total = self._fixed_flops
+        padded = torch.cat([alive, torch.tensor([False])])
         for name, base in self.layer_flops.items():
-            fin, fout = self._fractions(name, alive)
+            fin, fout = self._fractions(name, padded)
             total += base * fin * fout
         return total
 
     def params(self, alive: torch.Tensor) -> int:
         total = self._other_params
+        padded = torch.cat([alive, torch.tensor([False])])
         for name, count in self._layer_params.items():
             module = self.graph.modules[name]
-            fin, fout = self._fractions(name, alive)
+            fin, fout = self._fractions(name, padded)
             weight = getattr(module, "weight", None)
             weight_count = weight.numel() if isinstance(weight, torch.Tensor) else 0
             if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
