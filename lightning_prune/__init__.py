@@ -2,6 +2,7 @@
 
 from lightning_prune.callbacks import TaylorPruningCallback
 from lightning_prune.compaction import CompactionError, CompactModelMismatchError, compact, load_compact, save_compact
+from lightning_prune.compaction import optimize_for_inference
 from lightning_prune.dependency import DependencyGraph, build_dependency_graph
 from lightning_prune.errors import PruningConfigurationError, UnsupportedModelError, UnsupportedStrategyError
 from lightning_prune.importance import Criterion, available_criteria, get_criterion, register_criterion
@@ -22,6 +23,7 @@ __all__ = [
     "compact",
     "get_criterion",
     "load_compact",
+    "optimize_for_inference",
     "register_criterion",
     "save_compact",
 ]

@@ -8,6 +8,7 @@ from lightning_prune.compaction.compact import (
     compact_info,
     round_masks,
 )
+from lightning_prune.compaction.inference import optimize_for_inference
 from lightning_prune.compaction.export import export_onnx, export_program, onnx_available
 from lightning_prune.compaction.serialization import CompactModelMismatchError, load_compact, save_compact
 
@@ -22,6 +23,7 @@ __all__ = [
     "export_program",
     "load_compact",
     "onnx_available",
+    "optimize_for_inference",
     "round_masks",
     "save_compact",
 ]
