@@ -357,6 +357,29 @@ def test_callback_compacts_on_fit_end_and_compact_model_fine_tunes(tmp_path: Pat
     assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
 
 
+def test_flops_target_counts_the_rounded_widths(tmp_path: Path) -> None:
+    """With compact_round_to, pruning goes on until the compact model (widths rounded up) meets the
+    FLOPs target, and the FLOPs logged are the compact model's own."""
+    torch.manual_seed(0)
+    network = SmallResNet(width=16)
+    callback = TaylorPruningCallback(
+        prune_every_n_batches=1, neurons_per_step=3, keep_ratio=0.1, target_flops_ratio=0.6, module_name="model",
+        compact_on_fit_end=True, compact_path=str(tmp_path / "compact.pt"), compact_round_to=4,
+    )  # fmt: skip
+    module = Classifier(network, lr=0.01, example=torch.zeros(2, 3, 16, 16))
+    trainer(max_steps=16, callbacks=[callback]).fit(module, synthetic_loader(n=128, batch_size=8, size=16))
+    assert callback.done and "FLOPs target" in callback.stop_reason
+    compacted, x = callback.compact_model, torch.zeros(1, 3, 16, 16)
+    assert max_diff(network, compacted, 16) <= 1e-5  # first: _flops runs a training-mode forward
+    assert _flops(compacted, x) == pytest.approx(callback.history[-1].flops, rel=1e-9)
+    assert _flops(compacted, x) <= 0.6 * _flops(network, x)
+    unrounded = compact(network, callback.masks, graph=callback.graph)
+    assert _flops(unrounded, x) < _flops(compacted, x), "the rounding revived nothing: the test proves nothing"
+    for name, m in compacted.named_modules():
+        if isinstance(m, nn.Conv2d):
+            assert m.out_channels % 4 == 0 or m.out_channels == network.get_submodule(name).out_channels, name
+
+
 def test_callback_default_compact_path_is_log_dir(tmp_path: Path) -> None:
     torch.manual_seed(0)
     callback = TaylorPruningCallback(

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
+from lightning_prune.compaction import alive_from_masks, compact, round_masks, save_compact
 from lightning_prune.dependency import GATE_PLACEMENTS, DependencyGraph, build_dependency_graph
 from lightning_prune.distributed import broadcast_decision, mean_over_ranks
 from lightning_prune.errors import PruningConfigurationError, UnsupportedModelError, UnsupportedStrategyError
@@ -66,7 +67,11 @@ class TaylorPruningCallback(Callback):
             (:func:`lightning_prune.compact`): the result is ``callback.compact_model``, written on rank zero
             with :func:`lightning_prune.save_compact` to ``compact_path``.
         compact_path: where the compact model goes; by default ``compact_model.pt`` in the trainer's log dir.
-        compact_round_to: keep a multiple of this many channels per layer in the compact model.
+        compact_round_to: keep a multiple of this many channels per layer in the compact model (e.g. 16,
+            oneDNN's float32 channel block on AVX-512 CPUs, or 8 for tensor cores). The FLOPs and
+            parameters logged, and ``target_flops_ratio``, then count the rounded widths: pruning goes on
+            until the compact model itself reaches the target. Rounding up revives the neurons removed
+            last first (their weights stay zero, so the compact model still computes the masked one).
     """
 
     def __init__(
@@ -171,6 +176,15 @@ class TaylorPruningCallback(Callback):
         if self.graph is None or self._alive is None:
             return {}
         return {name: self._alive[gate.neurons].clone() for name, gate in self.graph.gates.items()}
+
+    @property
+    def compact_masks(self) -> dict[str, torch.Tensor]:
+        """The channels the compact model keeps: :attr:`masks` with widths rounded up to a multiple of
+        ``compact_round_to`` (the same as :attr:`masks` without it)."""
+        if self.graph is None or self._alive is None:
+            return {}
+        alive = self._compact_alive()
+        return {name: alive[gate.neurons].clone() for name, gate in self.graph.gates.items()}
 
     @property
     def neurons_remaining(self) -> int:
@@ -399,12 +413,32 @@ class TaylorPruningCallback(Callback):
             neurons_pruned=self.num_pruned,
             neurons_remaining=self.neurons_remaining,
             loss=loss,
-            flops=self._cost.flops(self._alive),
-            params=self._cost.params(self._alive),
+            flops=0.0,
+            params=0,
             removed=removed,
         )
-        self.history.append(record)
+        self.history.append(record)  # first: rounding widths reads the removal order from the history
+        compact_alive = self._compact_alive()
+        record.flops, record.params = self._cost.flops(compact_alive), self._cost.params(compact_alive)
         self._log(trainer, record)
+
+    def _compact_alive(self) -> torch.Tensor:
+        """The neurons the compact model keeps: the alive ones, plus those ``compact_round_to`` revives."""
+        assert self.graph is not None and self._alive is not None
+        if self.compact_round_to is None or self.compact_round_to == 1:
+            return self._alive
+        rounded = round_masks(self.masks, self.graph, self.compact_round_to, self._revival_priority())
+        return alive_from_masks(self.graph, rounded)
+
+    def _revival_priority(self) -> torch.Tensor:
+        """Per neuron, the pruning step that removed it: rounding widths up revives the neurons removed last
+        (the most important when they went) first. Built from the history, so every rank agrees."""
+        assert self.graph is not None
+        priority = torch.zeros(self.graph.num_neurons, dtype=torch.float64)
+        for step, record in enumerate(self.history, start=1):
+            for entry in record.removed:
+                priority[self.graph.gates[entry["layer"]].neurons[entry["index"]]] = step
+        return priority
 
     def _finish(self, trainer: pl.Trainer, reason: str) -> None:
         self.done = True
@@ -447,13 +481,8 @@ class TaylorPruningCallback(Callback):
 
     def _compact(self, trainer: pl.Trainer) -> None:
         """Cut the removed neurons out of the network (every rank), write it on rank zero."""
-        from lightning_prune.compaction import compact, save_compact
-
         prefix = min(self.graph.modules, key=len)  # modules maps prefix + name; the network is prefix + ""
-        self.compact_model = compact(
-            self.graph.modules[prefix], self.masks, graph=self.graph,
-            round_to=self.compact_round_to, scores=self.importance or None,
-        )  # fmt: skip
+        self.compact_model = compact(self.graph.modules[prefix], self.compact_masks, graph=self.graph)
         if trainer.is_global_zero:
             directory = trainer.log_dir or trainer.default_root_dir
             path = self.compact_path or os.path.join(directory, "compact_model.pt")
