@@ -164,15 +164,18 @@ def run_case(
     prepared = {mode: prepare(original, mode) for mode in args.modes}
     for reduction in args.reductions:
         for round_to in args.round_to:
-            model = build().eval()
-            masks = prune_to_flops(model, size, reduction, scores, graph, round_to)
-            zeroer = NeuronMasks(graph)
-            zeroer.update(~graph.alive_from_masks(masks))
+            masks = prune_to_flops(original, size, reduction, scores, graph, round_to)
+            model = build().eval()  # masks are keyed by layer name: they apply to a fresh copy
+            model_graph = build_dependency_graph(model, torch.zeros(1, 3, size, size))
+            zeroer = NeuronMasks(model_graph)
+            zeroer.update(~model_graph.alive_from_masks(masks))
             zeroer.zero_parameters()  # the masked model, as the callback leaves it
-            small = compact(model, masks, graph=graph).eval()
+            small = compact(model, masks, graph=model_graph).eval()
             x = torch.randn(4, 3, size, size)
             with torch.inference_mode():
                 diff = float((model(x) - small(x)).abs().max())
+            if diff > 1e-3:
+                raise RuntimeError(f"{name}: the compact model differs from the masked one by {diff:.3g}")
             row: dict[str, Any] = {
                 "model": name,
                 "input": f"{size}x{size}",
@@ -189,6 +192,10 @@ def run_case(
             row["flops_ratio"] = row["flops_original"] / row["flops_compact"]
             for mode in args.modes:
                 fast = prepare(small, mode)
+                with torch.inference_mode():
+                    row[f"{mode}_max_abs_diff_to_masked"] = float((model(x) - fast(x)).abs().max())
+                if row[f"{mode}_max_abs_diff_to_masked"] > 1e-3:
+                    raise RuntimeError(f"{name} ({mode}): the prepared compact model differs from the masked one")
                 for b, (repeats, warmup) in reps.items():
                     orig_s, compact_s = paired_latency(prepared[mode], fast, torch.randn(b, 3, size, size), repeats, warmup)
                     row[f"{mode}_b{b}_original_ms"] = 1e3 * orig_s
