@@ -51,7 +51,7 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_prune import build_dependency_graph, compact, get_criterion, optimize_for_inference
-from lightning_prune.compaction import alive_from_masks, round_masks
+from lightning_prune.compaction import round_alive
 from lightning_prune.data import cifar10_jpeg_archive, load_cifar10_jpeg_subset, shared_data_dir
 from lightning_prune.importance import estimate_importance
 from lightning_prune.models import cifar_resnet56, load_cifar_resnet_weights
@@ -136,10 +136,7 @@ def prune_to_flops(
     def alive_after(count: int) -> torch.Tensor:
         alive = everyone.clone()
         alive[selector.select(scores, everyone, count)] = False
-        if round_to > 1:
-            masks = round_masks({n: alive[g.neurons] for n, g in graph.gates.items()}, graph, round_to, scores)
-            alive = alive_from_masks(graph, masks)
-        return alive
+        return round_alive(graph, alive, round_to, scores)
 
     low, high = 0, graph.num_prunable  # binary search for the fewest removals reaching the target
     while low < high:

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_prune.compaction import alive_from_masks, compact, round_masks, save_compact
+from lightning_prune.compaction import compact, round_alive, save_compact
 from lightning_prune.dependency import GATE_PLACEMENTS, DependencyGraph, build_dependency_graph
 from lightning_prune.distributed import broadcast_decision, mean_over_ranks
 from lightning_prune.errors import PruningConfigurationError, UnsupportedModelError, UnsupportedStrategyError
@@ -173,17 +173,17 @@ class TaylorPruningCallback(Callback):
     @property
     def masks(self) -> dict[str, torch.Tensor]:
         """Qualified name of each gated layer -> bool per output channel, True where the neuron is kept."""
-        if self.graph is None or self._alive is None:
-            return {}
-        return {name: self._alive[gate.neurons].clone() for name, gate in self.graph.gates.items()}
+        return self._gate_masks(self._alive)
 
     @property
     def compact_masks(self) -> dict[str, torch.Tensor]:
         """The channels the compact model keeps: :attr:`masks` with widths rounded up to a multiple of
         ``compact_round_to`` (the same as :attr:`masks` without it)."""
-        if self.graph is None or self._alive is None:
+        return self._gate_masks(self._compact_alive() if self._alive is not None else None)
+
+    def _gate_masks(self, alive: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        if self.graph is None or alive is None:
             return {}
-        alive = self._compact_alive()
         return {name: alive[gate.neurons].clone() for name, gate in self.graph.gates.items()}
 
     @property
@@ -425,10 +425,9 @@ class TaylorPruningCallback(Callback):
     def _compact_alive(self) -> torch.Tensor:
         """The neurons the compact model keeps: the alive ones, plus those ``compact_round_to`` revives."""
         assert self.graph is not None and self._alive is not None
-        if self.compact_round_to is None or self.compact_round_to == 1:
+        if self.compact_round_to is None:
             return self._alive
-        rounded = round_masks(self.masks, self.graph, self.compact_round_to, self._revival_priority())
-        return alive_from_masks(self.graph, rounded)
+        return round_alive(self.graph, self._alive, self.compact_round_to, self._revival_priority())
 
     def _revival_priority(self) -> torch.Tensor:
         """Per neuron, the pruning step that removed it: rounding widths up revives the neurons removed last

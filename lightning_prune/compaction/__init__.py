@@ -6,6 +6,7 @@ from lightning_prune.compaction.compact import (
     architecture_fingerprint,
     compact,
     compact_info,
+    round_alive,
     round_masks,
 )
 from lightning_prune.compaction.inference import optimize_for_inference
@@ -24,6 +25,7 @@ __all__ = [
     "load_compact",
     "onnx_available",
     "optimize_for_inference",
+    "round_alive",
     "round_masks",
     "save_compact",
 ]

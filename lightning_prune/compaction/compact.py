@@ -108,11 +108,7 @@ def round_masks(
     repeated until no layer changes. The revived channels' weights are those of the model: the callback
     zeroes removed weights, so a model it masked still computes exactly what the compact model does.
     """
-    if not isinstance(multiple, int) or multiple < 1:
-        raise CompactionError(f"round_to must be a positive int, got {multiple!r}")
     alive = alive_from_masks(graph, masks)
-    if multiple == 1:
-        return {name: _mask_of(graph, name, alive) for name in masks}
     if scores is None:
         priority = -torch.arange(graph.num_neurons, dtype=torch.float64)
     elif isinstance(scores, Mapping):
@@ -121,6 +117,18 @@ def round_masks(
         priority = neuron_scores(graph, dict(scores))
     else:
         priority = torch.as_tensor(scores, dtype=torch.float64)
+    alive = round_alive(graph, alive, multiple, priority)
+    return {name: _mask_of(graph, name, alive) for name in masks}
+
+
+def round_alive(graph: DependencyGraph, alive: torch.Tensor, multiple: int, priority: torch.Tensor) -> torch.Tensor:
+    """:func:`round_masks` on the bool-per-neuron ``alive`` vector (a new one is returned): removed neurons
+    with the highest ``priority`` (one value per neuron) revive first."""
+    if not isinstance(multiple, int) or multiple < 1:
+        raise CompactionError(f"round_to must be a positive int, got {multiple!r}")
+    alive = alive.clone()
+    if multiple == 1:
+        return alive
     layers = [
         neurons
         for name, neurons in graph.writers.items()
@@ -144,7 +152,7 @@ def round_masks(
                 alive[neuron] = True
                 kept += int((valid == neuron).sum())
             changed = True
-    return {name: _mask_of(graph, name, alive) for name in masks}
+    return alive
 
 
 def _mask_of(graph: DependencyGraph, name: str, alive: torch.Tensor) -> torch.Tensor:
