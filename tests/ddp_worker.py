@@ -51,6 +51,8 @@ class Config:
     gate_gradient: str = "auto"
     resume_after: int = 0  # >0: fit this many epochs, checkpoint, and resume in a new Trainer
     max_loss: float | None = None
+    pattern: str = "forward_example"  # how the LightningModule exposes its network (see ``MODULES``)
+    history_dir: bool = True  # False: the history goes to the trainer's log dir, read on every rank
 
 
 CONFIGS = {
@@ -64,15 +66,20 @@ CONFIGS = {
     "fp16": Config(dtype="float32", precision="16-mixed"),
     "resume": Config(resume_after=1),
     "stop": Config(max_loss=1.0),  # the global smoothed loss (~2.5) exceeds it at the first pruning step
+    # the patterns users write, each the same training problem as "fo"
+    "no_forward": Config(pattern="no_forward", history_dir=False),
+    "module_name": Config(pattern="module_name"),
+    "forward_only": Config(pattern="forward_only"),
 }
 
 
-class Net(pl.LightningModule):
+class NoForward(pl.LightningModule):
+    """A user's module: no ``forward``, no ``example_input_array``; ``training_step`` calls ``self.net``."""
+
     def __init__(self, dtype: torch.dtype, depth: int = 8, lr: float = 0.1) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.net = CifarResNet(depth).to(dtype)
-        self.example_input_array = torch.zeros(2, 3, SIZE, SIZE, dtype=dtype)
         self.lr = lr
         self.dtype_ = dtype
 
@@ -85,6 +92,17 @@ class Net(pl.LightningModule):
         sampler = DistributedSampler(data, num_replicas=world, rank=self.trainer.global_rank, shuffle=False)
         return DataLoader(data, batch_size=BATCH, sampler=sampler)
 
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=5e-4)
+
+
+class ForwardOnly(NoForward):
+    """A ``forward`` that ``training_step`` calls, no ``example_input_array``."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
@@ -92,8 +110,16 @@ class Net(pl.LightningModule):
         x, y = batch
         return F.cross_entropy(self(x), y)
 
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=5e-4)
+
+class Net(ForwardOnly):
+    """The callback's own pattern: ``forward`` and ``example_input_array``."""
+
+    def __init__(self, dtype: torch.dtype, depth: int = 8, lr: float = 0.1) -> None:
+        super().__init__(dtype, depth, lr)
+        self.example_input_array = torch.zeros(2, 3, SIZE, SIZE, dtype=dtype)
+
+
+MODULES = {"forward_example": Net, "forward_only": ForwardOnly, "no_forward": NoForward, "module_name": NoForward}
 
 
 def dataset(dtype: torch.dtype) -> TensorDataset:
@@ -239,10 +265,12 @@ def run(name: str, out: Path, devices: int = 1, num_nodes: int = 1, strategy: st
             num_to_prune=cfg.num_to_prune,
             gate_gradient=cfg.gate_gradient,
             max_loss=cfg.max_loss,
-            history_dir=str(out / f"history_{tag}"),
+            history_dir=str(out / f"history_{tag}") if cfg.history_dir else None,
+            module_name="net" if cfg.pattern == "module_name" else None,
         )
-        trainer = _trainer(cfg, out, [pruner, Recorder(pruner, out / tag)], devices, num_nodes, strategy, epochs)
-        trainer.fit(Net(dtype), ckpt_path=ckpt)
+        root = out / f"root_{tag}"
+        trainer = _trainer(cfg, root, [pruner, Recorder(pruner, out / tag)], devices, num_nodes, strategy, epochs)
+        trainer.fit(MODULES[cfg.pattern](dtype), ckpt_path=ckpt)
         if ckpt is None and cfg.resume_after:
             trainer.save_checkpoint(out / f"{tag}.ckpt")
 

@@ -13,6 +13,7 @@ flip). BatchNorm is synchronised with ``CPUSyncBatchNormPlugin`` (the CPU stand-
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -24,9 +25,10 @@ import pytest
 import torch
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
-EXACT = ["fo", "fg", "accum", "accum_fg", "hooks"]  # compared with a float64 single-process run
+PATTERNS = ["no_forward", "module_name", "forward_only"]  # the LightningModules users write
+EXACT = ["fo", "fg", "accum", "accum_fg", "hooks", *PATTERNS]  # compared with a float64 single-process run
 DDP_CONFIGS = [*EXACT, "bf16", "fp16", "resume", "stop"]
-REFERENCE_OF = {"hooks": "fo", "resume": "fo"}  # same training problem as another reference
+REFERENCE_OF = {"hooks": "fo", "resume": "fo", **dict.fromkeys(PATTERNS, "fo")}  # same training problem
 RTOL = 1e-5
 
 pytestmark = pytest.mark.timeout(900)
@@ -59,8 +61,12 @@ def _start(out: Path, *commands: list[str], env: list[dict[str, str]] | None = N
 
 
 def _wait(procs: list[subprocess.Popen], logs: list[Path], timeout: float = 600) -> None:
+    """Wait for the launch; a launch still running after ``timeout`` seconds (a hang) is killed and fails."""
     try:
         codes = [p.wait(timeout=timeout) for p in procs]
+    except subprocess.TimeoutExpired:
+        tails = "\n".join(f"--- {log.name}\n" + log.read_text()[-2000:] for log in logs)
+        pytest.fail(f"DDP launch still running after {timeout} s (hung?):\n{tails}")
     finally:
         for p in procs:
             if p.poll() is None:
@@ -70,8 +76,10 @@ def _wait(procs: list[subprocess.Popen], logs: list[Path], timeout: float = 600)
         pytest.fail(f"DDP worker failed with exit codes {codes}:\n{tails}")
 
 
-def _launch(out: Path, *commands: list[str], env: list[dict[str, str]] | None = None) -> Path:
-    _wait(*_start(out, *commands, env=env))
+def _launch(
+    out: Path, *commands: list[str], env: list[dict[str, str]] | None = None, timeout: float = 600
+) -> Path:
+    _wait(*_start(out, *commands, env=env), timeout=timeout)
     return out
 
 
@@ -178,6 +186,32 @@ def test_ranks_hold_identical_masks_weights_and_optimizer_state(name, ddp_dir):
     if name == "resume":
         _assert_ranks_agree(_load(ddp_dir, "resume_first"))
     _assert_ranks_agree(ranks, pruning_steps=name != "stop")
+
+
+def test_history_goes_to_the_trainers_log_dir(ddp_dir):
+    """Without ``history_dir`` rank zero writes the history to ``trainer.log_dir``, which is itself a
+    collective (a broadcast): read on rank zero alone it left rank one a collective behind, a hang."""
+    ranks = _load(ddp_dir, "no_forward")
+    history = json.loads((ddp_dir / "root_no_forward" / "pruning_history.json").read_text())
+    assert [r["step"] for r in history] == [s["global_step"] for s in ranks[0]["steps"]]
+
+
+@pytest.mark.parametrize("module_name", [None, "net"])
+def test_users_small_network_without_forward(module_name, tmp_path):
+    """Issue 11's script: a plain network in ``self.net``, no forward, no example input, the default
+    logger. Under 2-process DDP it used to hang (and without ``module_name`` to trace the wrapped
+    LightningModule); now it ends, both ranks hold the same masks and weights, the target is reached."""
+    script = Path(__file__).with_name("ddp_user_script.py")
+    cmd = [sys.executable, str(script), str(tmp_path)] + (["--module-name", module_name] if module_name else [])
+    _launch(tmp_path, cmd, timeout=240)
+    ranks = [torch.load(tmp_path / f"user_rank{r}.pt", weights_only=False) for r in range(2)]
+    assert ranks[0]["num_pruned"] == ranks[1]["num_pruned"] == 19  # 48 neurons, keep_ratio 0.6
+    assert ranks[0]["masks"].keys() == {"net.bn1", "net.bn2"}
+    for layer, mask in ranks[0]["masks"].items():
+        assert torch.equal(ranks[1]["masks"][layer], mask)
+    assert ranks[0]["hash_params"] == ranks[1]["hash_params"]
+    history = json.loads((Path(ranks[0]["log_dir"]) / "pruning_history.json").read_text())
+    assert [r["step"] for r in history] == ranks[0]["history_steps"]
 
 
 def test_communication_is_one_flat_tensor_where_needed(ddp_dir):

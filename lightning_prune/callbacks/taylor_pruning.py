@@ -147,6 +147,7 @@ class TaylorPruningCallback(Callback):
         self.compact_round_to = compact_round_to
         self.compact_model: nn.Module | None = None
         self.compact_file: str | None = None
+        self._log_dir: str | None = None
 
         self.graph: DependencyGraph | None = None
         self.importance: dict[str, torch.Tensor] = {}
@@ -209,6 +210,9 @@ class TaylorPruningCallback(Callback):
                 pl_module.get_submodule(self.module_name)
             except AttributeError as err:
                 raise PruningConfigurationError(f"module_name {self.module_name!r} is not a submodule: {err}") from err
+        # resolved here, on every rank: ``trainer.log_dir`` is a collective (a broadcast from rank zero), so
+        # reading it later on rank zero alone would leave the other ranks one collective behind (a hang)
+        self._log_dir = trainer.log_dir or trainer.default_root_dir
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -234,6 +238,8 @@ class TaylorPruningCallback(Callback):
 
     def _capture_hook(self, trainer: pl.Trainer, pl_module: pl.LightningModule, name: str):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if not name and _forward_redirected(module):
+                return  # DDP calls training_step through the LightningModule's forward: not the network's input
             for handle in self._capture_handles:
                 handle.remove()
             self._capture_handles.clear()
@@ -469,7 +475,11 @@ class TaylorPruningCallback(Callback):
 
     def _write_history(self, trainer: pl.Trainer) -> None:
         if trainer.is_global_zero:
-            write_history(self.history, self.history_dir or trainer.log_dir or trainer.default_root_dir)
+            write_history(self.history, self.history_dir or self._output_dir(trainer))
+
+    def _output_dir(self, trainer: pl.Trainer) -> str:
+        """The trainer's log dir, as resolved on every rank in ``setup``."""
+        return self._log_dir or trainer.default_root_dir
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -483,8 +493,7 @@ class TaylorPruningCallback(Callback):
         prefix = min(self.graph.modules, key=len)  # modules maps prefix + name; the network is prefix + ""
         self.compact_model = compact(self.graph.modules[prefix], self.compact_masks, graph=self.graph)
         if trainer.is_global_zero:
-            directory = trainer.log_dir or trainer.default_root_dir
-            path = self.compact_path or os.path.join(directory, "compact_model.pt")
+            path = self.compact_path or os.path.join(self._output_dir(trainer), "compact_model.pt")
             self.compact_file = str(save_compact(self.compact_model, path))
             rank_zero_info(f"TaylorPruningCallback: compact model written to {self.compact_file}")
 
@@ -552,6 +561,12 @@ class TaylorPruningCallback(Callback):
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise PruningConfigurationError(message)
+
+
+def _forward_redirected(module: nn.Module) -> bool:
+    """Whether ``module.forward`` is Lightning's redirection of a ``*_step`` call (DDP and other wrapping
+    strategies call ``training_step`` through the wrapped LightningModule's patched ``forward``)."""
+    return getattr(module.forward, "__func__", None) is not type(module).forward
 
 
 def _loss_scale(trainer: pl.Trainer) -> float:

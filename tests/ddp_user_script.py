@@ -1,0 +1,80 @@
+"""A user's script, as written in issue 11: a small plain network in ``self.net``, no ``forward``, no
+``example_input_array``, default logger, no ``history_dir``; run by ``tests/test_ddp.py`` under
+``strategy="ddp"`` with a timeout (before the fix the two ranks ran a different number of collectives
+and hung). Each rank writes ``OUT/user_rank<r>.pt``: masks, pruned count, a hash of the parameters.
+
+    python tests/ddp_user_script.py OUT [--module-name net]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from ddp_worker import digest
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_prune import TaylorPruningCallback
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 32, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(32)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
+        x = F.relu(self.bn2(self.conv2(x)))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+class M(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = Net()
+
+    def training_step(self, b, i):
+        x, y = b
+        return F.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--module-name", default=None)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    dl = DataLoader(TensorDataset(torch.randn(512, 3, 16, 16), torch.randint(0, 10, (512,))), batch_size=32)
+    cb = TaylorPruningCallback(
+        criterion="taylor_fo_bn", prune_every_n_batches=2, neurons_per_step=3, keep_ratio=0.6,
+        module_name=args.module_name,
+    )  # fmt: skip
+    model = M()
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, callbacks=[cb],
+        default_root_dir=str(args.out), enable_progress_bar=False,
+    )  # fmt: skip
+    trainer.fit(model, dl)
+    result = {
+        "masks": cb.masks,
+        "num_pruned": cb.num_pruned,
+        "history_steps": [r.step for r in cb.history],
+        "log_dir": trainer.log_dir,
+        "hash_params": digest(dict(model.named_parameters())),  # (running stats are per rank without sync BN)
+    }
+    torch.save(result, args.out / f"user_rank{trainer.global_rank}.pt")
+
+
+if __name__ == "__main__":
+    main()
