@@ -18,6 +18,8 @@ import os
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import ddp_worker
@@ -60,17 +62,31 @@ def _start(out: Path, *commands: list[str], env: list[dict[str, str]] | None = N
     return procs, logs
 
 
-def _wait(procs: list[subprocess.Popen], logs: list[Path], timeout: float = 600) -> None:
-    """Wait for the launch; a launch still running after ``timeout`` seconds (a hang) is killed and fails."""
+def _exit_codes(procs: list[subprocess.Popen], logs: list[Path], timeout: float = 600) -> list[int]:
+    """Wait for the launch. Once a process fails the others get 10 s, then are killed (they may wait for it
+    forever); a launch still running after ``timeout`` seconds with no failure (a hang) fails the test."""
+    deadline = time.monotonic() + timeout
     try:
-        codes = [p.wait(timeout=timeout) for p in procs]
-    except subprocess.TimeoutExpired:
-        tails = "\n".join(f"--- {log.name}\n" + log.read_text()[-2000:] for log in logs)
-        pytest.fail(f"DDP launch still running after {timeout} s (hung?):\n{tails}")
+        while any(p.poll() is None for p in procs):
+            failed = any(p.returncode for p in procs)
+            if failed:
+                deadline = min(deadline, time.monotonic() + 10)
+            if time.monotonic() > deadline:
+                if failed:
+                    break
+                tails = "\n".join(f"--- {log.name}\n" + log.read_text()[-2000:] for log in logs)
+                pytest.fail(f"DDP launch still running after {timeout} s (hung?):\n{tails}")
+            time.sleep(0.2)
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
+                p.wait()
+    return [p.returncode for p in procs]
+
+
+def _wait(procs: list[subprocess.Popen], logs: list[Path], timeout: float = 600) -> None:
+    codes = _exit_codes(procs, logs, timeout)
     if any(codes):
         tails = "\n".join(f"--- {log.name}\n" + log.read_text()[-4000:] for log in logs)
         pytest.fail(f"DDP worker failed with exit codes {codes}:\n{tails}")
@@ -81,6 +97,19 @@ def _launch(
 ) -> Path:
     _wait(*_start(out, *commands, env=env), timeout=timeout)
     return out
+
+
+def _launch_on_a_free_port(out: Path, launch: Callable[[str], tuple[list[list[str]], list[dict] | None]]) -> None:
+    """Launch ``launch(port)``'s commands on a port free a moment ago; another process may bind it before
+    the ranks do, so a launch that fails with the address in use is retried on a new port (3 tries)."""
+    for attempt in range(3):
+        commands, envs = launch(str(_free_port()))
+        procs, logs = _start(out, *commands, env=envs)
+        codes = _exit_codes(procs, logs)
+        in_use = any("address already in use" in log.read_text().lower() for log in logs)
+        if not (any(codes) and in_use and attempt < 2):
+            break
+    _wait(procs, logs)  # all ended: fails with the logs on a non-zero exit
 
 
 def _worker(out: Path, *args: str) -> list[str]:
@@ -295,17 +324,20 @@ def test_ddp_spawn(tmp_path, reference_dir):
 
 def test_two_nodes_slurm_environment(tmp_path, reference_dir):
     """num_nodes=2 x devices=1, started the way SLURM's srun starts tasks (Lightning's SLURMEnvironment)."""
-    port = str(_free_port())
-    envs = [
-        _clean_env(
-            SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="1", SLURM_NNODES="2", SLURM_PROCID=str(r), SLURM_LOCALID="0",
-            SLURM_NODEID=str(r), SLURM_JOB_ID="4242", SLURM_JOB_NAME="prune", SLURM_NODELIST="127.0.0.1",
-            MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
-        )  # fmt: skip
-        for r in range(2)
-    ]
     cmd = _worker(tmp_path, "--configs", "fo", "--launch", "external", "--num-nodes", "2", "--devices", "1")
-    _launch(tmp_path, cmd, cmd, env=envs)
+
+    def launch(port: str):
+        envs = [
+            _clean_env(
+                SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="1", SLURM_NNODES="2", SLURM_PROCID=str(r),
+                SLURM_LOCALID="0", SLURM_NODEID=str(r), SLURM_JOB_ID="4242", SLURM_JOB_NAME="prune",
+                SLURM_NODELIST="127.0.0.1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+            )  # fmt: skip
+            for r in range(2)
+        ]
+        return [cmd, cmd], envs
+
+    _launch_on_a_free_port(tmp_path, launch)
     ranks = _load(tmp_path, "fo")
     assert [r["info"]["cluster"] for r in ranks] == ["SLURMEnvironment"] * 2
     assert [(r["info"]["num_nodes"], r["info"]["node_rank"]) for r in ranks] == [(2, 0), (2, 1)]
@@ -316,14 +348,16 @@ def test_two_nodes_slurm_environment(tmp_path, reference_dir):
 @pytest.mark.skipif(os.environ.get("LP_TEST_TORCHRUN", "1") == "0", reason="LP_TEST_TORCHRUN=0")
 def test_two_nodes_torchrun(tmp_path, reference_dir):
     """Two ``torchrun --nnodes 2 --node_rank i`` agents on one machine (scripts/torchrun.sh's launch)."""
-    port = str(_free_port())
-    cmds = [
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(r), "--nproc_per_node",
-         "1", "--master_addr", "127.0.0.1", "--master_port", port,
-         *_worker(tmp_path, "--configs", "fo", "--launch", "external", "--num-nodes", "2", "--devices", "1")[1:]]
-        for r in range(2)
-    ]  # fmt: skip
-    _launch(tmp_path, *cmds)
+    worker = _worker(tmp_path, "--configs", "fo", "--launch", "external", "--num-nodes", "2", "--devices", "1")
+
+    def launch(port: str):
+        return [
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(r),
+             "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", port, *worker[1:]]
+            for r in range(2)
+        ], None  # fmt: skip
+
+    _launch_on_a_free_port(tmp_path, launch)
     ranks = _load(tmp_path, "fo")
     assert [r["info"]["cluster"] for r in ranks] == ["TorchElasticEnvironment"] * 2
     assert [(r["info"]["num_nodes"], r["info"]["node_rank"]) for r in ranks] == [(2, 0), (2, 1)]
