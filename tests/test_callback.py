@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import copy
+import csv
 import json
+import math
 import types
+import warnings
 
 import lightning.pytorch as pl
 import pytest
@@ -15,6 +18,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import MixedPrecision
 from lightning.pytorch.strategies import FSDPStrategy
 
+from lightning_prune.pruner import CostModel, NeuronSelector, neuron_scores
 from lightning_prune import (
     PruningConfigurationError,
     TaylorPruningCallback,
@@ -28,7 +32,8 @@ X16 = torch.randn(2, 3, 16, 16)
 
 def _fit(model, cb, loader=None, **trainer_kwargs):
     module = model if isinstance(model, pl.LightningModule) else Classifier(model, example=X16)
-    trainer(callbacks=[cb], **trainer_kwargs).fit(module, loader or synthetic_loader())
+    trainer_kwargs.setdefault("callbacks", [cb])
+    trainer(**trainer_kwargs).fit(module, loader or synthetic_loader())
     return module
 
 
@@ -249,6 +254,26 @@ def test_non_finite_importance_is_skipped_with_a_warning():
     assert all(torch.isfinite(v).all() for v in cb.importance.values())
 
 
+@pytest.mark.parametrize("bad_batches", [{1}, {0, 1}, {1, 2, 3}])  # one step; the first interval; two intervals
+def test_non_finite_losses_are_left_out_of_the_smoothed_loss(bad_batches):
+    """An ``inf`` loss (with finite gradients) leaves the smoothed loss as it was: later records hold a finite
+    loss and ``max_loss`` keeps pruning going; an interval with no finite loss at all records none."""
+
+    class InfLoss(Classifier):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            return loss + float("inf") if batch_idx in bad_batches else loss  # the gradient stays finite
+
+    cb = TaylorPruningCallback(prune_every_n_batches=2, neurons_per_step=2, num_to_prune=4, max_loss=100.0)
+    _fit(InfLoss(SmallCNN(), example=X16), cb, max_epochs=1)
+    assert cb.num_pruned == 4 and cb.stop_reason == "target reached"
+    losses = [r.loss for r in cb.history]
+    if bad_batches == {0, 1}:  # nothing finite before the first pruning step
+        assert losses[0] is None and math.isfinite(losses[1])
+    else:
+        assert all(math.isfinite(v) for v in losses)
+
+
 def test_adam_state_of_removed_neurons_is_zeroed():
     cb = TaylorPruningCallback(prune_every_n_batches=2, neurons_per_step=4, num_to_prune=8, reset_momentum=False)
     module = _fit(Classifier(SmallCNN(), optimizer="adam", lr=1e-3, example=X16), cb, max_epochs=1)
@@ -330,8 +355,8 @@ def test_resume_mid_pruning_ends_with_the_same_masks(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"keep_ratio": 0.5, "num_to_prune": 3}, "exactly one"),
-        ({}, "exactly one"),
+        ({"keep_ratio": 0.5, "num_to_prune": 3}, "at most one"),
+        ({}, "give a target"),
         ({"keep_ratio": 1.5}, "keep_ratio"),
         ({"keep_ratio": 0.5, "neurons_per_step": 0}, "neurons_per_step"),
         ({"keep_ratio": 0.5, "neurons_per_step": 1.5}, "neurons_per_step"),
@@ -340,6 +365,8 @@ def test_resume_mid_pruning_ends_with_the_same_masks(tmp_path):
         ({"keep_ratio": 0.5, "min_channels": 0}, "min_channels"),
         ({"keep_ratio": 0.5, "gate_placement": "inside"}, "gate_placement"),
         ({"keep_ratio": 0.5, "criterion": "nope"}, "unknown criterion"),
+        ({"keep_ratio": 0.5, "criterion": "random", "criterion_kwargs": {"sed": 1}}, r"'random'.*accepts seed"),
+        ({"keep_ratio": 0.5, "criterion_kwargs": {"seed": 1}}, "'taylor_fo_bn'.*accepts no arguments"),
     ],
 )
 def test_invalid_arguments(kwargs, match):
@@ -374,3 +401,108 @@ def test_flops_target_stops_pruning():
     _fit(SmallCNN(), cb, max_epochs=2)
     assert cb.done and "FLOPs target" in cb.stop_reason
     assert cb.history[-1].flops <= 0.8 * cb.initial_flops < cb.history[-2].flops
+
+
+def test_flops_target_alone_is_met_without_overshoot():
+    """``target_flops_ratio`` alone is a target; the last step removes only what reaching it takes."""
+    torch.manual_seed(0)
+    cb = TaylorPruningCallback(prune_every_n_batches=1, neurons_per_step=8, target_flops_ratio=0.6)
+    module = _fit(SmallResNet(), cb, max_epochs=3)
+    assert cb.done and "FLOPs target" in cb.stop_reason
+    budget = 0.6 * cb.initial_flops
+    last = cb.history[-1]
+    assert last.flops <= budget and last.neurons_removed < 8  # trimmed
+    cost = CostModel(module.model, X16, cb.graph, prefix="model.")
+    alive = torch.ones(cb.graph.num_neurons, dtype=torch.bool)
+    for record in cb.history:
+        for entry in record.removed:
+            alive[cb.graph.gates[entry["layer"]].neurons[entry["index"]]] = False
+    assert cost.flops(alive) == last.flops
+    # the last step took the lowest-scoring neurons in order, and stopped at the first that met the target
+    last_neurons = {int(cb.graph.gates[e["layer"]].neurons[e["index"]]) for e in last.removed}
+    before = alive.clone()
+    before[list(last_neurons)] = True
+    order = NeuronSelector(cb.graph).select(neuron_scores(cb.graph, cb.importance), before, 8)
+    assert set(order[: len(last_neurons)].tolist()) == last_neurons
+    one_fewer = before.clone()
+    one_fewer[order[: len(last_neurons) - 1]] = False
+    assert cost.flops(one_fewer) > budget
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"ignored_modules": ["model.stemm"]}, r"ignored_modules: no module named 'model.stemm'.*mean 'model.stem'"),
+        ({"ignored_modules": ["model.stem", "conv9"]}, r"no module named 'conv9'"),
+        ({"leaf_modules": ["model.blok1"]}, r"leaf_modules: .*'model.blok1'.*did you mean 'model.block1'"),
+        ({"module_name": "model", "ignored_modules": ["extra"]}, r"no module named 'extra' in SmallResNet"),
+    ],
+)
+def test_unknown_module_names_fail_before_training_with_the_closest_names(kwargs, match):
+    module = Classifier(SmallResNet(), example=X16)
+    module.extra = torch.nn.Linear(2, 2)  # a module of the LightningModule, outside the network "model"
+    before = copy.deepcopy(module.state_dict())
+    with pytest.raises(PruningConfigurationError, match=match):
+        _fit(module, TaylorPruningCallback(num_to_prune=2, **kwargs), max_steps=1)
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+
+
+@pytest.mark.parametrize("names", [["block1"], ["model.block1"]])
+def test_module_names_relative_to_the_network_or_qualified(names):
+    cb = TaylorPruningCallback(prune_every_n_batches=1, neurons_per_step=2, num_to_prune=2,
+                               module_name="model", ignored_modules=names, leaf_modules=names)  # fmt: skip
+    _fit(Classifier(SmallResNet()), cb, max_steps=2)
+    assert not any(name.startswith("model.block1.") for name in cb.masks) and cb.num_pruned == 2
+
+
+def test_errors_found_at_the_first_call_say_how_to_get_them_earlier():
+    class NoForward(Classifier):
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return torch.nn.functional.cross_entropy(self.model(x), y)
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 10))
+    with pytest.raises(UnsupportedModelError, match=r"no prunable layer(.|\n)*example_input_array"):
+        _fit(NoForward(model), TaylorPruningCallback(num_to_prune=1), max_steps=1)
+
+
+def test_resuming_with_another_criterion_warns(tmp_path):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    cb = TaylorPruningCallback(prune_every_n_batches=1, neurons_per_step=2, num_to_prune=8)
+    _fit(SmallCNN(), cb, max_steps=2, callbacks=[cb, checkpoint], enable_checkpointing=True)
+    other = TaylorPruningCallback("weight_norm", prune_every_n_batches=1, neurons_per_step=2, num_to_prune=8)
+    module = Classifier(SmallCNN(), example=X16)
+    with pytest.warns(UserWarning, match=r"pruning state of .*'criterion': 'taylor_fo_bn'.*pruning restarts from scratch"):
+        trainer(callbacks=[other], max_steps=3).fit(module, synthetic_loader(), ckpt_path=tmp_path / "last.ckpt")
+    same = TaylorPruningCallback(prune_every_n_batches=1, neurons_per_step=2, num_to_prune=8)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*pruning restarts.*")
+        trainer(callbacks=[same], max_steps=3).fit(
+            Classifier(SmallCNN(), example=X16), synthetic_loader(), ckpt_path=tmp_path / "last.ckpt"
+        )
+    assert same.num_pruned == 6  # 4 from the checkpoint, 2 more
+
+
+def test_size_metrics_share_the_loss_row_and_the_progress_bar_shows_whole_neurons(tmp_path):
+    class Logged(Classifier):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            self.log("train_loss", loss)
+            return loss
+
+    seen = []
+
+    class Bar(pl.Callback):  # runs after the pruning callback, like the progress bar
+        def on_train_batch_end(self, trainer, *args):
+            seen.append((trainer.progress_bar_metrics["neurons"], cb.neurons_remaining))
+
+    cb = TaylorPruningCallback(prune_every_n_batches=2, neurons_per_step=4, num_to_prune=8)
+    _fit(Logged(SmallCNN(), example=X16), cb, max_epochs=1, callbacks=[cb, Bar()],
+         logger=CSVLogger(tmp_path, name="run"), log_every_n_steps=1)  # fmt: skip
+    assert all(type(shown) is int and shown == now for shown, now in seen) and seen[-1][1] == 40
+    with open(tmp_path / "run" / "version_0" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    with_loss = [r for r in rows if r["train_loss"]]
+    assert len(with_loss) == 4 and all(r["pruning/flops"] and r["pruning/neurons_remaining"] for r in with_loss)
+    assert [int(float(r["pruning/neurons_pruned"])) for r in with_loss] == [0, 4, 4, 8]
+    assert all(isinstance(r.flops, int) for r in cb.history)

@@ -4,10 +4,13 @@ architecture; saving, loading, exporting, rounding widths, and the callback's fi
 from __future__ import annotations
 
 import copy
+import io
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from helpers import Classifier, SmallResNet, synthetic_loader, trainer
 from torch import nn
@@ -22,8 +25,16 @@ from lightning_prune import (
     load_compact,
     save_compact,
 )
-from lightning_prune.compaction import compact_info, export_onnx, export_program, onnx_available, round_masks
+from lightning_prune.compaction import (
+    alive_from_masks,
+    compact_info,
+    export_onnx,
+    export_program,
+    onnx_available,
+    round_masks,
+)
 from lightning_prune.dependency import build_dependency_graph
+from lightning_prune.pruner import NeuronMasks
 from lightning_prune.models import LeNet3, cifar_resnet20, cifar_resnet56, load_cifar_resnet_weights, preact_resnet18
 
 TV = torchvision.models
@@ -256,7 +267,7 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
 def test_load_into_wrong_base_model_fails_clearly(tmp_path: Path) -> None:
     model = cifar_resnet20()
     graph = build_dependency_graph(model, torch.zeros(1, 3, 32, 32))
-    masks = {n: torch.arange(g.channels) % 3 != 0 for n, g in graph.gates.items()}
+    masks = {n: torch.arange(g.channels) % 2 == 0 for n, g in graph.gates.items()}
     path = save_compact(compact(model, masks, graph=graph), tmp_path / "r20.pt")
     with pytest.raises(CompactModelMismatchError, match=r"CifarResNet.*fingerprint.*CifarResNet.*fingerprint"):
         load_compact(cifar_resnet56(), path)
@@ -277,10 +288,10 @@ def test_bad_masks_fail_clearly() -> None:
     model = LeNet3()
     x = torch.zeros(1, 3, 32, 32)
     with pytest.raises(CompactionError, match="matches no layer.*prefix"):
-        compact(model, {"model.conv1": torch.ones(16, dtype=torch.bool)}, x)
+        compact(model, {"model.conv9": torch.ones(16, dtype=torch.bool)}, x)
     with pytest.raises(CompactionError, match="has 15 entries, the layer has 16"):
         compact(model, {"conv1": torch.ones(15, dtype=torch.bool)}, x)
-    with pytest.raises(CompactionError, match="example_input"):
+    with pytest.raises(CompactionError, match="example input to trace LeNet3.*example_input="):
         compact(model, {})
     with pytest.raises(PruningConfigurationError, match="compact_round_to"):
         TaylorPruningCallback(keep_ratio=0.5, compact_round_to=0)
@@ -390,3 +401,162 @@ def test_callback_default_compact_path_is_log_dir(tmp_path: Path) -> None:
     fit.fit(module, synthetic_loader(n=16, batch_size=8, size=16))
     expected = Path(fit.log_dir or fit.default_root_dir) / "compact_model.pt"
     assert Path(callback.compact_file) == expected and expected.is_file()
+
+
+class _NetOnly(pl.LightningModule):
+    """A LightningModule without forward or example_input_array: the network lives in ``self.net``."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
+
+
+def _pruned(pattern: str, tmp_path: Path | None = None, **callback_kwargs):
+    """A SmallResNet pruned by the callback in a LightningModule: ``"forward"`` (a forward and an
+    example_input_array, so the LightningModule itself is traced), ``"module_name"`` (the network named),
+    ``"no_forward"`` (the network found at its first call)."""
+    torch.manual_seed(0)
+    net = SmallResNet(width=8)
+    if pattern == "no_forward":
+        lit = _NetOnly(net)
+    else:
+        lit = Classifier(net, lr=0.01, example=torch.zeros(2, 3, 16, 16) if pattern == "forward" else None)
+    callback = TaylorPruningCallback(
+        prune_every_n_batches=1, neurons_per_step=0.2, keep_ratio=0.6,
+        module_name="model" if pattern == "module_name" else None,
+        compact_on_fit_end=tmp_path is not None, compact_path=str(tmp_path / "compact.pt") if tmp_path else None,
+        **callback_kwargs,
+    )  # fmt: skip
+    trainer(max_steps=3, callbacks=[callback]).fit(lit, synthetic_loader(n=24, batch_size=8, size=16))
+    assert callback.num_pruned > 0
+    return lit, net, callback
+
+
+@pytest.mark.parametrize("pattern", ["forward", "module_name", "no_forward"])
+def test_compact_with_the_model_and_masks_alone(pattern: str) -> None:
+    """compact(model, masks) as the README writes it: the LightningModule or its network, callback masks
+    (they record the traced input) or plain ones (the LightningModule's example_input_array)."""
+    lit, net, callback = _pruned(pattern)
+    masks = callback.masks
+    saved = io.BytesIO()
+    torch.save(masks, saved)  # still a plain dict of bool tensors
+    saved.seek(0)
+    loaded = torch.load(saved, weights_only=True)
+    assert loaded.keys() == masks.keys() and all(torch.equal(loaded[n], m) for n, m in masks.items())
+    for model in (lit, net):
+        if pattern == "forward" and model is net:  # traced on the LightningModule's forward: its input, not net's
+            with pytest.raises(CompactionError, match="pass the LightningModule.*example_input="):
+                compact(net, masks)
+            continue
+        compacted = compact(model, masks)
+        assert type(compacted).__name__ == "CompactSmallResNet" and max_diff(net, compacted, 16) <= 1e-5
+    plain = dict(masks)
+    if pattern == "forward":
+        assert max_diff(net, compact(lit, plain), 16) <= 1e-5  # example_input_array
+    else:
+        with pytest.raises(CompactionError, match="needs an example input to trace SmallResNet.*example_input="):
+            compact(lit, plain)
+    with pytest.raises(CompactionError, match="needs an example input to trace SmallResNet.*example_input="):
+        compact(net, plain)
+    # names relative to the LightningModule ("model.stem.1"): the prefix is stripped
+    assert max_diff(net, compact(net, plain, torch.zeros(1, 3, 16, 16)), 16) <= 1e-5
+    assert max_diff(net, callback.compact(), 16) <= 1e-5
+
+
+def test_callback_masks_record_the_gate_placement() -> None:
+    """Masks on Conv outputs (gates before BatchNorm) are not taken for masks breaking Conv-BatchNorm ties."""
+    _, net, callback = _pruned("module_name", gate_placement="before_bn")
+    assert "model.stem.0" in callback.masks
+    assert max_diff(net, compact(net, callback.masks), 16) <= 1e-5
+
+
+def test_masks_that_break_a_residual_tie_fail_clearly() -> None:
+    """stem.1, block1.bn2 and block2.bn2 are summed by identity shortcuts, block3.bn2 and its projection
+    block3.proj.1 by the strided block's addition: masking one of them alone is refused, naming the others."""
+    torch.manual_seed(0)
+    model = SmallResNet(width=8)
+    calibrate_batchnorm(model, 16)
+    x = torch.zeros(1, 3, 16, 16)
+    first5 = torch.arange(8) < 5
+    tied = r"remove block1\.bn2\[5\] but not .*stem\.1\[5\] \(no mask\).*block2\.bn2\[5\] \(no mask\).*complete_ties"
+    with pytest.raises(CompactionError, match=tied):
+        compact(model, {"block1.bn2": first5}, x)
+    with pytest.raises(CompactionError, match=r"remove block3\.proj\.1\[10\] but not block3\.bn2\[10\] \(no mask\)"):
+        compact(model, {"block3.proj.1": torch.arange(16) < 10}, x)
+    tie = {"stem.1": first5, "block1.bn2": first5, "block2.bn2": torch.ones(8, dtype=torch.bool)}
+    with pytest.raises(CompactionError, match=r"block2\.bn2\[5\] \(kept\)"):
+        compact(model, tie, x)
+    # asked for: the neuron goes from every layer it is tied to, exactly as the callback would remove it
+    completed = compact(model, {"block1.bn2": first5}, x, complete_ties=True)
+    assert all(completed.get_submodule(n).num_features == 5 for n in ("stem.1", "block1.bn2", "block2.bn2"))
+    masked = copy.deepcopy(model)
+    graph = build_dependency_graph(masked, x)
+    zeroer = NeuronMasks(graph)
+    zeroer.update(~alive_from_masks(graph, {"block1.bn2": first5}, complete_ties=True))
+    zeroer.zero_parameters()
+    assert max_diff(masked, completed, 16) <= 1e-10
+    consistent = {**tie, "block2.bn2": first5}
+    assert max_diff(masked, compact(model, consistent, x), 16) <= 1e-10
+
+
+def _net_class(module: str, width: int = 8) -> type[nn.Module]:
+    """A small network class, as if defined in ``module`` (``__main__`` for a training script)."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, width, 3, padding=1)
+            self.bn = nn.BatchNorm2d(width)
+            self.fc = nn.Linear(width, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(F.adaptive_avg_pool2d(F.relu(self.bn(self.conv(x))), 1).flatten(1))
+
+    Net.__module__ = module
+    return Net
+
+
+def test_load_compact_ignores_the_import_path(tmp_path: Path) -> None:
+    """Trained as a script (``__main__.Net``), loaded from a package (``mymodels.Net``): the same architecture."""
+    torch.manual_seed(0)
+    trained = _net_class("__main__")()
+    masks = {"bn": torch.arange(8) % 2 == 0}
+    compacted = compact(trained, masks, torch.zeros(1, 3, 8, 8)).eval()
+    path = save_compact(compacted, tmp_path / "net.pt")
+    loaded = load_compact(_net_class("mymodels")(), path).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), compacted(x))
+    other = r"compact __main__\..*Net .*base model given is a mymodels\..*Net "
+    with pytest.raises(CompactModelMismatchError, match=other):
+        load_compact(_net_class("mymodels", width=12)(), path)  # another layer size: another network
+
+
+@pytest.mark.parametrize("pattern", ["forward", "no_forward"])
+def test_callback_writes_the_network_and_it_fine_tunes_in_the_lightning_module(pattern: str, tmp_path: Path) -> None:
+    """Without module_name the compact model is the network (not a copy of the LightningModule), it loads
+    into a fresh network, and the documented next stage runs: put it back, fit with a new Trainer."""
+    lit, net, callback = _pruned(pattern, tmp_path)
+    assert type(callback.compact_model).__name__ == "CompactSmallResNet"
+    assert max_diff(net, callback.compact_model, 16) <= 1e-5
+    loaded = load_compact(SmallResNet(width=8), callback.compact_file)
+    assert max_diff(callback.compact_model, loaded, 16) == 0.0
+
+    # docs/compaction.md, "Fine-tuning the compact network"
+    if pattern == "forward":
+        lit.model = load_compact(SmallResNet(width=8), callback.compact_file)
+    else:
+        lit.net = load_compact(SmallResNet(width=8), callback.compact_file)
+    before = {k: v.clone() for k, v in loaded.state_dict().items()}
+    trainer(max_steps=2).fit(lit, synthetic_loader(n=16, batch_size=8, size=16, seed=1))
+    after = (lit.model if pattern == "forward" else lit.net).state_dict()
+    assert after.keys() == before.keys() and all(after[k].shape == v.shape for k, v in before.items())
+    assert any(not torch.equal(before[k], after[k]) for k in before if after[k].is_floating_point())
+    assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())

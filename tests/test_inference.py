@@ -43,7 +43,7 @@ def test_folded_model_computes_the_same(name: str, compacted: bool) -> None:
     model = _trained_statistics(MODELS[name]()).double()
     if compacted:
         graph = build_dependency_graph(model, torch.zeros(1, 3, 32, 32, dtype=torch.float64))
-        masks = {n: torch.arange(g.channels) % 3 != 0 for n, g in graph.gates.items()}
+        masks = {n: torch.arange(g.channels) % 2 == 0 for n, g in graph.gates.items()}  # consistent with the ties
         model = compact(model, masks, graph=graph).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     fast = optimize_for_inference(model)

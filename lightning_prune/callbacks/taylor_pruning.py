@@ -17,8 +17,9 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_prune.compaction import compact, round_alive, save_compact
+from lightning_prune.compaction import PruningMasks, compact, masks_from_alive, round_alive, save_compact
 from lightning_prune.dependency import GATE_PLACEMENTS, DependencyGraph, build_dependency_graph
+from lightning_prune.dependency.graph import module_names
 from lightning_prune.distributed import broadcast_decision, mean_over_ranks
 from lightning_prune.errors import PruningConfigurationError, UnsupportedModelError, UnsupportedStrategyError
 from lightning_prune.importance import Criterion, GateGradients, get_criterion
@@ -42,7 +43,8 @@ class TaylorPruningCallback(Callback):
         prune_every_n_batches: optimizer steps between two pruning steps (K).
         neurons_per_step: neurons removed per pruning step; an ``int``, or a ``float`` in (0, 1) for a
             fraction of the initial prunable neurons.
-        keep_ratio: fraction of the prunable neurons left at the end. Give this or ``num_to_prune``.
+        keep_ratio: fraction of the prunable neurons left at the end. Give this, ``num_to_prune`` or
+            ``target_flops_ratio`` (or one of the first two with it, as a cap).
         num_to_prune: number of neurons to remove in total.
         ema: weight of the past in the moving average of importance across pruning steps (0: none).
         reset_momentum: clear the optimizer state (momentum buffers) once the target is reached.
@@ -52,8 +54,9 @@ class TaylorPruningCallback(Callback):
         leaf_modules: modules that tracing must not enter (their channels stay unpruned).
         prune_residual: also prune channels tied by residual connections (``False`` is the paper's "No skip").
         max_loss: stop pruning early once the smoothed training loss exceeds this value.
-        target_flops_ratio: also stop once the FLOPs of the network, with removed neurons cut out, fall to
-            this fraction of the initial FLOPs (``keep_ratio``/``num_to_prune`` then only cap the removal).
+        target_flops_ratio: stop once the FLOPs of the network, with removed neurons cut out, fall to this
+            fraction of the initial FLOPs; the last step removes only as many neurons as that takes
+            (``keep_ratio``/``num_to_prune``, if given, cap the removal).
         loss_smoothing: weight of the past in the training loss' moving average.
         module_name: the submodule of the LightningModule holding the network. By default the
             LightningModule itself, or the first direct child it calls if its own forward is unused.
@@ -107,8 +110,9 @@ class TaylorPruningCallback(Callback):
         is_int = isinstance(neurons_per_step, int) and not isinstance(neurons_per_step, bool)
         _check((is_int and neurons_per_step >= 1) or (isinstance(neurons_per_step, float) and 0 < neurons_per_step < 1),
                f"neurons_per_step must be an int >= 1 or a float in (0, 1), got {neurons_per_step!r}")  # fmt: skip
-        _check((keep_ratio is None) != (num_to_prune is None),
-               "give exactly one of keep_ratio and num_to_prune")  # fmt: skip
+        _check(keep_ratio is None or num_to_prune is None, "give at most one of keep_ratio and num_to_prune")
+        _check(keep_ratio is not None or num_to_prune is not None or target_flops_ratio is not None,
+               "give a target: keep_ratio, num_to_prune or target_flops_ratio")  # fmt: skip
         _check(keep_ratio is None or (isinstance(keep_ratio, (int, float)) and 0 < keep_ratio < 1),
                f"keep_ratio must be in (0, 1), got {keep_ratio!r}")  # fmt: skip
         _check(num_to_prune is None or (isinstance(num_to_prune, int) and num_to_prune >= 1),
@@ -155,7 +159,7 @@ class TaylorPruningCallback(Callback):
         self.num_pruned = 0
         self.done = False
         self.stop_reason: str | None = None
-        self.initial_flops: float | None = None
+        self.initial_flops: int | None = None
         self.initial_params: int | None = None
         self._alive: torch.Tensor | None = None
         self._initial_prunable = 0
@@ -172,20 +176,22 @@ class TaylorPruningCallback(Callback):
 
     # -- public views ----------------------------------------------------------------------------------------
     @property
-    def masks(self) -> dict[str, torch.Tensor]:
-        """Qualified name of each gated layer -> bool per output channel, True where the neuron is kept."""
+    def masks(self) -> PruningMasks | dict[str, torch.Tensor]:
+        """Qualified name of each gated layer -> bool per output channel, True where the neuron is kept: a
+        dict that also records how the network was traced, so ``lightning_prune.compact(network, masks)``
+        needs no example input."""
         return self._gate_masks(self._alive)
 
     @property
-    def compact_masks(self) -> dict[str, torch.Tensor]:
+    def compact_masks(self) -> PruningMasks | dict[str, torch.Tensor]:
         """The channels the compact model keeps: :attr:`masks` with widths rounded up to a multiple of
         ``compact_round_to`` (the same as :attr:`masks` without it)."""
         return self._gate_masks(self._compact_alive() if self._alive is not None else None)
 
-    def _gate_masks(self, alive: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def _gate_masks(self, alive: torch.Tensor | None) -> PruningMasks | dict[str, torch.Tensor]:
         if self.graph is None or alive is None:
             return {}
-        return {name: alive[gate.neurons].clone() for name, gate in self.graph.gates.items()}
+        return masks_from_alive(self.graph, alive, self.gate_placement)
 
     @property
     def neurons_remaining(self) -> int:
@@ -210,9 +216,23 @@ class TaylorPruningCallback(Callback):
                 pl_module.get_submodule(self.module_name)
             except AttributeError as err:
                 raise PruningConfigurationError(f"module_name {self.module_name!r} is not a submodule: {err}") from err
+        self._check_module_names(pl_module)
         # resolved here, on every rank: ``trainer.log_dir`` is a collective (a broadcast from rank zero), so
         # reading it later on rank zero alone would leave the other ranks one collective behind (a hang)
         self._log_dir = trainer.log_dir or trainer.default_root_dir
+
+    def _check_module_names(self, pl_module: pl.LightningModule) -> None:
+        """Fail before training on a name in ``ignored_modules``/``leaf_modules`` that no module has: qualified
+        names of the LightningModule, or relative to the network (``module_name``, or a child it calls)."""
+        if self.module_name is not None:
+            networks = [self.module_name]
+        else:
+            networks = ["", *(n for n, m in pl_module.named_children() if any(True for _ in m.parameters()))]
+        for names, what in ((self.ignored_modules, "ignored_modules"), (self.leaf_modules, "leaf_modules")):
+            for name in names:
+                if not any(_has_module(pl_module, network, name) for network in networks):
+                    root = networks[0]  # module_name, or the LightningModule: module_names words the error
+                    module_names(pl_module.get_submodule(root), [name], f"{root}." if root else "", what)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -243,7 +263,14 @@ class TaylorPruningCallback(Callback):
             for handle in self._capture_handles:
                 handle.remove()
             self._capture_handles.clear()
-            self._initialize(trainer, pl_module, name, kwargs if kwargs and not args else args)
+            try:
+                self._initialize(trainer, pl_module, name, kwargs if kwargs and not args else args)
+            except (PruningConfigurationError, UnsupportedModelError) as err:
+                raise type(err)(
+                    f"{err}\n(TaylorPruningCallback analysed the network at its first call, inside the first "
+                    "step, because no input was known before: set `example_input_array` on the LightningModule "
+                    "or pass `example_input=` to the callback to get this error before training starts.)"
+                ) from err
 
         return hook
 
@@ -263,7 +290,7 @@ class TaylorPruningCallback(Callback):
             example,
             placement=self.gate_placement,
             ignored_modules=self.ignored_modules,
-            leaf_modules=[n[len(prefix):] for n in self.leaf_modules if n.startswith(prefix)],
+            leaf_modules=self.leaf_modules,
             prune_residual=self.prune_residual,
             prefix=prefix,
         )
@@ -295,8 +322,10 @@ class TaylorPruningCallback(Callback):
         prunable = self._initial_prunable
         if self.keep_ratio is not None:
             self._target = prunable - round(self.keep_ratio * prunable)
-        else:
+        elif self.num_to_prune is not None:
             self._target = self.num_to_prune
+        else:  # the FLOPs target alone: as far as the per-layer floor allows
+            self._target = max_removable
         if isinstance(self.neurons_per_step, float):
             self._step_size = max(1, round(self.neurons_per_step * prunable))
         else:
@@ -341,19 +370,25 @@ class TaylorPruningCallback(Callback):
             return
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if isinstance(loss, torch.Tensor):
-            loss = loss.detach().float()
-            self._loss = loss if self._loss is None else self.loss_smoothing * self._loss + (1 - self.loss_smoothing) * loss
-        pl_module.log("neurons", float(self.neurons_remaining), prog_bar=True, logger=False)
-        if trainer.global_step == self._last_step:
-            return  # accumulating gradients: no optimizer step yet
-        self._last_step = trainer.global_step
-        if self.num_pruned:
-            self._masks.zero_parameters()  # any optimizer, any update rule: removed weights stay zero
-        if self.done:
-            return
-        self._steps_in_interval += 1
-        if self._steps_in_interval >= self.prune_every_n_batches:
-            self._prune_step(trainer, pl_module)
+            self._loss = self._smoothed_loss(loss.detach().float())
+        if trainer.global_step != self._last_step:  # else accumulating gradients: no optimizer step yet
+            self._last_step = trainer.global_step
+            if self.num_pruned:
+                self._masks.zero_parameters()  # any optimizer, any update rule: removed weights stay zero
+            if not self.done:
+                self._steps_in_interval += 1
+                if self._steps_in_interval >= self.prune_every_n_batches:
+                    self._prune_step(trainer, pl_module)
+        self._log_state(trainer, pl_module)
+
+    def _smoothed_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """The moving average with ``loss`` in it, unless it is not finite (then unchanged: one ``inf`` must
+        not poison every later value); a non-finite average restarts from the next finite loss. No sync."""
+        if self._loss is None:
+            return loss
+        blended = self.loss_smoothing * self._loss.to(loss.device) + (1 - self.loss_smoothing) * loss
+        blended = torch.where(self._loss.to(loss.device).isfinite(), blended, loss)
+        return torch.where(loss.isfinite(), blended, self._loss.to(loss.device))
 
     # -- pruning ---------------------------------------------------------------------------------------------
     def _prune_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -378,12 +413,15 @@ class TaylorPruningCallback(Callback):
             # the smoothed loss of the global batch (the moving average is linear: mean over ranks)
             self._loss = mean_over_ranks(trainer, self._loss)
         loss = None if self._loss is None else float(self._loss)
+        if loss is not None and not math.isfinite(loss):
+            loss = None  # no finite loss seen yet (on some rank): unknown, max_loss can't judge it
         count = min(self._step_size, self._target - self.num_pruned)
         if self.max_loss is not None and loss is not None and loss > self.max_loss:
             stop = True
             chosen = torch.empty(0, dtype=torch.long)
         else:
             chosen = self._selector.select(neuron_scores(self.graph, self.importance), self._alive, count)
+            chosen = self._trim_to_flops_target(chosen)
             stop = False
         # one decision for every rank (rank zero's), even if floating point ever differed between them
         chosen, stop = broadcast_decision(trainer, chosen, stop, count)
@@ -397,6 +435,31 @@ class TaylorPruningCallback(Callback):
             ratio = self.history[-1].flops / self.initial_flops
             if ratio <= self.target_flops_ratio:
                 self._finish(trainer, f"FLOPs target reached ({ratio:.3f} <= {self.target_flops_ratio})")
+
+    def _trim_to_flops_target(self, chosen: torch.Tensor) -> torch.Tensor:
+        """The shortest prefix of ``chosen`` (lowest scores first) that reaches ``target_flops_ratio``, or all
+        of it: the FLOPs target is met, not overshot by the rest of a step (binary search, FLOPs fall as
+        neurons go)."""
+        if self.target_flops_ratio is None or not self.initial_flops or chosen.numel() <= 1:
+            return chosen
+        budget = self.target_flops_ratio * self.initial_flops
+        priority = self._revival_priority()
+        priority[chosen] = len(self.history) + 1  # as the record of this step will say
+
+        def flops(k: int) -> float:
+            alive = self._alive.clone()
+            alive[chosen[:k]] = False
+            if self.compact_round_to is not None:
+                alive = round_alive(self.graph, alive, self.compact_round_to, priority)
+            return self._cost.flops(alive)
+
+        if flops(chosen.numel()) > budget:
+            return chosen
+        low, high = 1, chosen.numel()  # flops(high) <= budget
+        while low < high:
+            middle = (low + high) // 2
+            low, high = (low, middle) if flops(middle) <= budget else (middle + 1, high)
+        return chosen[:high]
 
     def _remove(self, trainer: pl.Trainer, chosen: torch.Tensor, loss: float | None) -> None:
         assert self.graph is not None and self._alive is not None
@@ -457,18 +520,27 @@ class TaylorPruningCallback(Callback):
         rank_zero_info(f"TaylorPruningCallback: pruning finished ({reason}) with {self.num_pruned} neurons removed.")
 
     # -- logging ---------------------------------------------------------------------------------------------
+    def _log_state(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The network's size after this batch, through ``self.log`` (so a logger row holds it beside the
+        training loss) and, as a whole number, in the progress bar."""
+        record = self.history[-1] if self.history else None
+        flops = record.flops if record else self.initial_flops
+        metrics = {
+            "pruning/neurons_pruned": self.num_pruned,
+            "pruning/neurons_remaining": self.neurons_remaining,
+            "pruning/flops": flops,
+            "pruning/params": record.params if record else self.initial_params,
+            "pruning/flops_kept": flops / self.initial_flops if self.initial_flops else 1.0,
+        }
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+        trainer.progress_bar_metrics["neurons"] = self.neurons_remaining  # self.log would make it a float
+
     def _log(self, trainer: pl.Trainer, record: PruningRecord) -> None:
+        """At a pruning step: the channels left in every gated layer (straight to the loggers: too many
+        values to log at every step), and the history files."""
         if not trainer.is_global_zero:
             return
-        metrics = {
-            "pruning/neurons_pruned": record.neurons_pruned,
-            "pruning/neurons_remaining": record.neurons_remaining,
-            "pruning/flops": record.flops,
-            "pruning/params": record.params,
-            "pruning/flops_kept": record.flops / self.initial_flops if self.initial_flops else 1.0,
-        }
-        for name, mask in self.masks.items():
-            metrics[f"pruning/channels/{name}"] = int(mask.sum())
+        metrics = {f"pruning/channels/{name}": int(mask.sum()) for name, mask in self.masks.items()}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         self._write_history(trainer)
@@ -488,10 +560,22 @@ class TaylorPruningCallback(Callback):
         if self.compact_on_fit_end and self.graph is not None:
             self._compact(trainer)
 
+    def compact(self, model: nn.Module | None = None) -> nn.Module:
+        """The compact network: ``model`` (by default the network this callback pruned) without the removed
+        neurons, widths rounded as :attr:`compact_masks`. Where the callback traced the LightningModule and
+        its parameters all live in one child (``self.net``), the compact model is that child, which fits
+        back in as ``lit.net`` for a fine-tuning stage (see :func:`lightning_prune.compact`)."""
+        if self.graph is None:
+            raise PruningConfigurationError("nothing to compact: the callback has not analysed the network yet")
+        traced = self.graph.modules[min(self.graph.modules, key=len)]  # modules maps prefix + name
+        model = traced if model is None else model
+        if model is traced and not isinstance(model, pl.LightningModule):
+            return compact(model, self.compact_masks, graph=self.graph)
+        return compact(model, self.compact_masks)
+
     def _compact(self, trainer: pl.Trainer) -> None:
         """Cut the removed neurons out of the network (every rank), write it on rank zero."""
-        prefix = min(self.graph.modules, key=len)  # modules maps prefix + name; the network is prefix + ""
-        self.compact_model = compact(self.graph.modules[prefix], self.compact_masks, graph=self.graph)
+        self.compact_model = self.compact()
         if trainer.is_global_zero:
             path = self.compact_path or os.path.join(self._output_dir(trainer), "compact_model.pt")
             self.compact_file = str(save_compact(self.compact_model, path))
@@ -524,6 +608,20 @@ class TaylorPruningCallback(Callback):
             "history": [r.as_dict() for r in self.history],
             "criterion": self.criterion.state_dict(),
         }
+
+    @override
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Warn when the checkpoint's pruning state belongs to another criterion or gate placement: its state
+        key differs, so Lightning would silently hand this callback nothing and pruning would restart."""
+        states = checkpoint.get("callbacks", {})
+        others = [k for k in states if k.startswith(type(self).__qualname__) and k != self.state_key]
+        if others and self.state_key not in states:
+            rank_zero_warn(
+                f"the checkpoint holds the pruning state of {', '.join(others)}, not of this callback "
+                f"({self.state_key}): pruning restarts from scratch with this criterion and placement. The "
+                "neurons pruned before are zero in the weights but no longer tracked; resume with the same "
+                "criterion and gate_placement to continue where the run stopped."
+            )
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -561,6 +659,17 @@ class TaylorPruningCallback(Callback):
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise PruningConfigurationError(message)
+
+
+def _has_module(pl_module: pl.LightningModule, network: str, name: str) -> bool:
+    """Whether ``name`` is a module of the network at ``network`` (with or without that prefix)."""
+    root = pl_module.get_submodule(network) if network else pl_module
+    prefix = f"{network}." if network else ""
+    try:
+        module_names(root, [name], prefix)
+    except PruningConfigurationError:
+        return False
+    return True
 
 
 def _forward_redirected(module: nn.Module) -> bool:

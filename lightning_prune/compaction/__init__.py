@@ -2,10 +2,12 @@
 
 from lightning_prune.compaction.compact import (
     CompactionError,
+    PruningMasks,
     alive_from_masks,
     architecture_fingerprint,
     compact,
     compact_info,
+    masks_from_alive,
     round_alive,
     round_masks,
 )
@@ -16,6 +18,7 @@ from lightning_prune.compaction.serialization import CompactModelMismatchError, 
 __all__ = [
     "CompactModelMismatchError",
     "CompactionError",
+    "PruningMasks",
     "alive_from_masks",
     "architecture_fingerprint",
     "compact",
@@ -23,6 +26,7 @@ __all__ = [
     "export_onnx",
     "export_program",
     "load_compact",
+    "masks_from_alive",
     "onnx_available",
     "optimize_for_inference",
     "round_alive",

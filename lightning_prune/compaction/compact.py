@@ -28,16 +28,18 @@ import copy
 import hashlib
 import math
 import operator
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 from torch import fx, nn
 
 from lightning_prune.compaction.ops import gather_channels
 from lightning_prune.dependency import DependencyGraph, build_dependency_graph
 from lightning_prune.dependency.channels import ZERO, ChannelTag
+from lightning_prune.dependency.trace import as_call_args
 from lightning_prune.errors import PruningConfigurationError
 
 COMPACT_META = "_lightning_prune_compact"
@@ -58,10 +60,32 @@ class CompactionError(PruningConfigurationError):
     """The masks or the model cannot be compacted as given."""
 
 
+class PruningMasks(dict):
+    """Layer name -> bool per output channel, True where kept: a plain dict that also records how the
+    network was traced (``trace``: the prefix of the names, the shape and dtype of each input, the leaf
+    modules, the gate placement), so that :func:`compact` needs nothing else. ``torch.save`` and ``copy``
+    keep only the masks, as an ``OrderedDict`` (``torch.load(..., weights_only=True)`` reads it)."""
+
+    def __init__(self, masks: Mapping[str, torch.Tensor], trace: dict[str, Any]) -> None:
+        super().__init__(masks)
+        self.trace = trace
+
+    def __reduce__(self) -> tuple[type, tuple[list[tuple[str, torch.Tensor]]]]:
+        return OrderedDict, (list(self.items()),)
+
+
+def masks_from_alive(graph: DependencyGraph, alive: torch.Tensor, placement: str = "after_bn") -> PruningMasks:
+    """The mask of every gated layer of ``graph`` for the bool-per-neuron ``alive`` (the inverse of
+    :func:`alive_from_masks`), recording how ``graph`` was traced (with gate ``placement``)."""
+    masks = {name: _mask_of(graph, name, alive) for name in graph.gates}
+    return PruningMasks(masks, {**_trace_spec(graph), "placement": placement})
+
+
 def architecture_fingerprint(model: nn.Module) -> str:
-    """Hash of the model's class and of the names and shapes of its parameters and buffers."""
-    cls = type(model)
-    lines = [f"{cls.__module__}.{cls.__qualname__}"]
+    """Hash of the architecture: the qualified name and class name of every module, and the names and
+    shapes of the parameters and buffers. Not the import path: a class defined in a script
+    (``__main__.Net``) matches the same class imported from a module (``mymodels.Net``)."""
+    lines = [f"{name}:{type(m).__name__}" for name, m in model.named_modules()]
     lines += [f"{k}:{tuple(v.shape)}" for k, v in sorted(model.state_dict().items()) if isinstance(v, torch.Tensor)]
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
 
@@ -70,27 +94,74 @@ def class_name(model: nn.Module) -> str:
     return f"{type(model).__module__}.{type(model).__qualname__}"
 
 
-def alive_from_masks(graph: DependencyGraph, masks: Mapping[str, torch.Tensor]) -> torch.Tensor:
+def alive_from_masks(
+    graph: DependencyGraph, masks: Mapping[str, torch.Tensor], complete_ties: bool = False
+) -> torch.Tensor:
     """Bool per neuron, False for every neuron a mask marks as removed.
 
     Masks are keyed by the qualified name of a gated layer (``callback.masks``) or of any layer that
     writes channels (Conv, Linear, BatchNorm), with one bool per output channel, True where kept.
+    Channels tied by a residual addition are one neuron: a mask that removes it must be matched by every
+    other gated layer holding it, else :class:`CompactionError` names the tie (a model compacted from
+    such masks would not compute the masked one). ``complete_ties=True`` removes it from all of them.
     """
     alive = torch.ones(graph.num_neurons, dtype=torch.bool)
+    kept = torch.zeros(graph.num_neurons, dtype=torch.bool)
     for name, mask in masks.items():
-        neurons = graph.gates[name].neurons if name in graph.gates else graph.writers.get(name)
-        if neurons is None:
-            known = ", ".join(sorted(graph.gates)[:5])
-            raise CompactionError(
-                f"mask for {name!r} matches no layer of the network (gated layers: {known}, ...); "
-                "if the network is a submodule of a LightningModule, pass its `prefix` (e.g. 'model.')"
-            )
+        neurons = _neurons_of(graph, name)
         mask = torch.as_tensor(mask).to("cpu", torch.bool).flatten()
         if mask.numel() != neurons.numel():
-            raise CompactionError(f"mask for {name!r} has {mask.numel()} entries, the layer has {neurons.numel()} channels")
-        dead = neurons[~mask]
-        alive[dead[dead >= 0]] = False
+            raise CompactionError(
+                f"mask for {name!r} has {mask.numel()} entries, the layer has {neurons.numel()} channels"
+            )
+        valid = neurons >= 0
+        alive[neurons[valid & ~mask]] = False
+        kept[neurons[valid & mask]] = True
+    if complete_ties:
+        return alive
+    unmasked = torch.zeros(graph.num_neurons, dtype=torch.bool)
+    for name, gate in graph.gates.items():
+        if name not in masks:
+            unmasked[gate.neurons[gate.neurons >= 0]] = True
+    broken = torch.nonzero(~alive & (kept | unmasked)).flatten()
+    if broken.numel():
+        raise CompactionError(_broken_tie(graph, masks, int(broken[0]), broken.numel()))
     return alive
+
+
+def _neurons_of(graph: DependencyGraph, name: str) -> torch.Tensor:
+    neurons = graph.gates[name].neurons if name in graph.gates else graph.writers.get(name)
+    if neurons is None:
+        known = ", ".join(sorted(graph.gates)[:5])
+        raise CompactionError(
+            f"mask for {name!r} matches no layer of the network (gated layers: {known}, ...); if the network "
+            "is a submodule of a LightningModule, give the LightningModule, or the network and its `prefix`"
+        )
+    return neurons
+
+
+def _broken_tie(graph: DependencyGraph, masks: Mapping[str, torch.Tensor], neuron: int, count: int) -> str:
+    """The channels of ``neuron`` the masks remove, and those they keep or leave without a mask."""
+    layers = {name: gate.neurons for name, gate in graph.gates.items()} | {n: _neurons_of(graph, n) for n in masks}
+    removed, others = [], []
+    for name, neurons in layers.items():
+        for c in torch.nonzero(neurons == neuron).flatten().tolist():
+            if name not in masks:
+                others.append(f"{name}[{c}] (no mask)")
+            elif bool(torch.as_tensor(masks[name]).flatten()[c]):
+                others.append(f"{name}[{c}] (kept)")
+            else:
+                removed.append(f"{name}[{c}]")
+    return (
+        f"the masks remove {_listed(removed)} but not {_listed(others)}: these channels are one neuron (tied by "
+        "residual additions, or a layer and the BatchNorm after it), so they must be masked the same way. Mask "
+        "them all, or pass complete_ties=True to remove the neuron from every one of them"
+        + (f" ({count} neurons are in this case)" if count > 1 else "")
+    )
+
+
+def _listed(items: list[str], most: int = 6) -> str:
+    return ", ".join(items[:most]) + (f" and {len(items) - most} more" if len(items) > most else "")
 
 
 def round_masks(
@@ -108,17 +179,19 @@ def round_masks(
     repeated until no layer changes. The revived channels' weights are those of the model: the callback
     zeroes removed weights, so a model it masked still computes exactly what the compact model does.
     """
-    alive = alive_from_masks(graph, masks)
+    alive = round_alive(graph, alive_from_masks(graph, masks), multiple, _priority(graph, scores))
+    return {name: _mask_of(graph, name, alive) for name in masks}
+
+
+def _priority(graph: DependencyGraph, scores: torch.Tensor | Mapping[str, torch.Tensor] | None) -> torch.Tensor:
+    """One value per neuron: ``scores`` per neuron or per gated layer, or the lowest index first."""
     if scores is None:
-        priority = -torch.arange(graph.num_neurons, dtype=torch.float64)
-    elif isinstance(scores, Mapping):
+        return -torch.arange(graph.num_neurons, dtype=torch.float64)
+    if isinstance(scores, Mapping):
         from lightning_prune.pruner.selection import neuron_scores
 
-        priority = neuron_scores(graph, dict(scores))
-    else:
-        priority = torch.as_tensor(scores, dtype=torch.float64)
-    alive = round_alive(graph, alive, multiple, priority)
-    return {name: _mask_of(graph, name, alive) for name in masks}
+        return neuron_scores(graph, dict(scores))
+    return torch.as_tensor(scores, dtype=torch.float64)
 
 
 def round_alive(graph: DependencyGraph, alive: torch.Tensor, multiple: int, priority: torch.Tensor) -> torch.Tensor:
@@ -166,51 +239,171 @@ def compact(
     example_input: Any = None,
     *,
     graph: DependencyGraph | None = None,
-    prefix: str = "",
+    prefix: str | None = None,
     leaf_modules: Iterable[str] = (),
     round_to: int | None = None,
     scores: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
+    complete_ties: bool = False,
 ) -> fx.GraphModule:
     """A new module computing what ``model`` masked by ``masks`` computes, without the removed channels.
 
     Args:
-        model: the network (left untouched).
+        model: the network (left untouched), or the LightningModule holding it: when all its parameters
+            live in one child (``self.net``), the result is that network compacted, else the whole module.
         masks: layer name -> bool per output channel, True where kept (``TaylorPruningCallback.masks``).
-        example_input: an input for tracing (shapes only); not needed when ``graph`` is given.
+        example_input: an input of ``model`` for tracing (shapes only). Not needed with ``graph``, with
+            masks from the callback (they record the input they were traced with), or with a
+            LightningModule's ``example_input_array``.
         graph: the dependency graph of ``model`` (e.g. ``callback.graph``), instead of tracing again.
-        prefix: the prefix of the mask names when ``model`` is a submodule (e.g. ``"model."``).
-        leaf_modules: modules tracing must not enter, as given to the callback.
+        prefix: the prefix of the mask names when ``model`` is a submodule (e.g. ``"model."``); by
+            default found from the names.
+        leaf_modules: modules of ``model`` that tracing must not enter, as given to the callback.
         round_to: keep a multiple of this many output channels per Conv/Linear (see :func:`round_masks`).
         scores: importance used by ``round_to`` to choose the channels to revive.
+        complete_ties: remove a neuron from every layer it is tied to when the masks remove it from some
+            of them only (by default :class:`CompactionError`, see :func:`alive_from_masks`).
 
     Returns a ``torch.fx.GraphModule`` whose submodules keep their qualified names, in ``model``'s
     training mode and on its device. Its ``state_dict`` holds the compact weights.
     """
     if graph is None:
-        if example_input is None:
-            raise CompactionError("compact() needs an example_input to trace the model, or its dependency graph")
-        graph = build_dependency_graph(model, example_input, prefix=prefix, leaf_modules=leaf_modules)
-    else:
-        prefix = _graph_prefix(graph)
-    masks = {name: torch.as_tensor(m).detach().to("cpu", torch.bool) for name, m in masks.items()}
+        model, example_input, prefix, leaf_modules, placement = _trace_target(
+            model, masks, example_input, prefix, leaf_modules
+        )
+        graph = build_dependency_graph(
+            model, example_input, placement=placement, prefix=prefix, leaf_modules=leaf_modules
+        )
+    alive = alive_from_masks(graph, masks, complete_ties)
     if round_to is not None:
-        masks = round_masks(masks, graph, round_to, scores)
-    alive = alive_from_masks(graph, masks)
+        alive = round_alive(graph, alive, round_to, _priority(graph, scores))
     builder = _Builder(model, graph, alive)
     gm = builder.build()
-    placeholders = [n for n in graph.traced.graph.nodes if n.op == "placeholder"]
     info = {
         "base_class": class_name(model),
         "fingerprint": architecture_fingerprint(model),
-        "prefix": prefix,
-        "leaf_modules": sorted(_leaf_names(graph, model)),
-        "masks": masks,
-        "inputs": [_input_spec(n) for n in placeholders],
+        "masks": {name: _mask_of(graph, name, alive) for name in masks},
+        **_trace_spec(graph),
     }
     setattr(gm, COMPACT_META, info)
     # GraphModule.__deepcopy__ restores the attributes listed here (e.g. for EMA or SWA copies)
     gm.meta.setdefault("_user_preserved_attributes", {})[COMPACT_META] = info
     return gm
+
+
+def _trace_target(
+    model: nn.Module,
+    masks: Mapping[str, torch.Tensor],
+    example_input: Any,
+    prefix: str | None,
+    leaf_modules: Iterable[str],
+) -> tuple[nn.Module, Any, str, list[str], str]:
+    """What :func:`compact` traces without a graph: the network (``model``, or the child of a LightningModule
+    holding the network), an input of it, the prefix of the mask names in it, its leaf modules and the gate
+    placement."""
+    trace = masks.trace if isinstance(masks, PruningMasks) else None
+    placement = trace["placement"] if trace is not None else "after_bn"  # which layers are gates: the masks' keys
+    spec = trace if example_input is None and prefix is None else None  # how to trace, unless told
+    if prefix is not None:
+        network = model
+    elif spec is not None and spec["prefix"] and _submodule(model, spec["prefix"]) is not None:
+        network, prefix = _submodule(model, spec["prefix"]), spec["prefix"]  # the LightningModule was given
+    else:
+        network, prefix = _network_of(model, list(masks))
+    if spec is not None and spec["prefix"] == prefix:  # recorded on this very network
+        return network, example_from_spec(spec["inputs"], _device(model)), prefix, spec["leaf_modules"], placement
+    if example_input is None and spec is not None and not spec["prefix"] and network is not model:
+        example_input, leaf_modules = example_from_spec(spec["inputs"], _device(model)), spec["leaf_modules"]
+    if example_input is None and isinstance(model, pl.LightningModule):
+        example_input = model.example_input_array
+    if example_input is None:
+        name = type(network).__name__
+        if spec is not None and not spec["prefix"]:
+            raise CompactionError(
+                f"these masks were recorded by tracing the LightningModule, whose input need not be {name}'s: pass "
+                f"the LightningModule (or use callback.compact()), or `example_input=` (an input of {name})"
+            )
+        raise CompactionError(
+            f"compact() needs an example input to trace {name}: pass `example_input=` (any input of "
+            f"{type(model).__name__} of the right shape), masks from TaylorPruningCallback (they record it), a "
+            "LightningModule with `example_input_array`, or `graph=`"
+        )
+    if network is model:
+        return network, example_input, prefix, list(leaf_modules), placement
+    leaf_modules = [n[len(prefix):] for n in leaf_modules if n.startswith(prefix)]
+    return network, _input_of(network, model, example_input), prefix, leaf_modules, placement
+
+
+def _submodule(model: nn.Module, prefix: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(prefix.removesuffix("."))
+    except AttributeError:
+        return None
+
+
+def _network_of(model: nn.Module, names: list[str]) -> tuple[nn.Module, str]:
+    """The module the mask names refer to, and their prefix in it. A LightningModule whose parameters all
+    live in one child holding every masked layer wraps that network: it is the network (a compact model
+    fits back in as ``lit.net``). Any other module is the network; the names may carry the prefix of a
+    LightningModule (``"net."``), stripped when only that makes them match its layers."""
+    heads = {n.split(".", 1)[0] for n in names}
+    if len(heads) != 1 or not all("." in n for n in names):
+        return model, ""
+    head = heads.pop()
+    if isinstance(model, pl.LightningModule):
+        child = dict(model.named_children()).get(head)
+        if child is not None and _num_params(child) == _num_params(model):
+            return child, head + "."
+        return model, ""
+    modules = dict(model.named_modules())
+    if not all(n in modules for n in names) and all(n.split(".", 1)[1] in modules for n in names):
+        return model, head + "."
+    return model, ""
+
+
+class _Reached(Exception):
+    """Stops a forward once the network's input is known."""
+
+
+def _input_of(network: nn.Module, parent: nn.Module, example: Any) -> Any:
+    """What ``network`` receives when ``parent`` runs on ``example`` (in eval mode, without gradients)."""
+    seen = []
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        seen.append(kwargs if kwargs and not args else args)
+        raise _Reached
+
+    handle = network.register_forward_pre_hook(hook, with_kwargs=True)
+    modes = {m: m.training for m in parent.modules()}
+    parent.eval()
+    args, kwargs = as_call_args(example)
+    try:
+        with torch.no_grad():
+            parent(*args, **kwargs)
+    except _Reached:
+        pass
+    except Exception as err:
+        raise CompactionError(
+            f"could not run {type(parent).__name__} on its example input to find the input of its network "
+            f"{type(network).__name__} ({err}): pass the network itself and `example_input=`"
+        ) from err
+    finally:
+        handle.remove()
+        for m, training in modes.items():
+            m.training = training
+    if not seen:
+        raise CompactionError(
+            f"{type(parent).__name__}'s forward does not call {type(network).__name__}: pass the network itself "
+            "and `example_input=`"
+        )
+    return seen[0]
+
+
+def _num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 def _graph_prefix(graph: DependencyGraph) -> str:
@@ -219,15 +412,19 @@ def _graph_prefix(graph: DependencyGraph) -> str:
     return min(graph.modules, key=len) if graph.modules else ""
 
 
-def _leaf_names(graph: DependencyGraph, model: nn.Module) -> set[str]:
-    """User leaf modules: call_module targets fx would have entered on its own."""
+def _trace_spec(graph: DependencyGraph) -> dict[str, Any]:
+    """How ``graph`` was traced: the prefix of its names, its user leaf modules, the shape and dtype of
+    each input."""
+    prefix = _graph_prefix(graph)
     tracer = fx.Tracer()
-    modules = dict(model.named_modules())
-    return {
+    nodes = graph.traced.graph.nodes
+    leaves = {
         str(n.target)
-        for n in graph.traced.graph.nodes
-        if n.op == "call_module" and not tracer.is_leaf_module(modules[str(n.target)], str(n.target))
-    }
+        for n in nodes
+        if n.op == "call_module" and not tracer.is_leaf_module(graph.modules[prefix + str(n.target)], str(n.target))
+    }  # call_module targets fx would have entered on its own
+    inputs = [_input_spec(n) for n in nodes if n.op == "placeholder"]
+    return {"prefix": prefix, "leaf_modules": sorted(leaves), "inputs": inputs}
 
 
 def _input_spec(node: fx.Node) -> dict[str, Any]:
@@ -237,10 +434,11 @@ def _input_spec(node: fx.Node) -> dict[str, Any]:
     return {"name": node.target, "shape": list(meta.shape), "dtype": str(meta.dtype).removeprefix("torch.")}
 
 
-def example_from_spec(specs: list[dict[str, Any]]) -> tuple[Any, ...]:
-    """Zero tensors shaped like the inputs the compact model was traced with."""
+def example_from_spec(specs: list[dict[str, Any]], device: torch.device | None = None) -> tuple[Any, ...]:
+    """Zero tensors shaped like the inputs a network was traced with."""
     return tuple(
-        None if s["shape"] is None else torch.zeros(s["shape"], dtype=getattr(torch, s["dtype"])) for s in specs
+        None if s["shape"] is None else torch.zeros(s["shape"], dtype=getattr(torch, s["dtype"]), device=device)
+        for s in specs
     )
 
 
@@ -262,7 +460,7 @@ class _Builder:
         self.alive = alive
         self.root = copy.deepcopy(model)
         self.modules = dict(self.root.named_modules())
-        self.device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        self.device = _device(model)
         self.calls = Counter(str(n.target) for n in self.src.graph.nodes if n.op == "call_module")
         self.graph = fx.Graph()
         self.env: dict[fx.Node, fx.Node] = {}

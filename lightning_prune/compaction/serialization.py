@@ -20,7 +20,7 @@ from lightning_prune.compaction.compact import (
 )
 
 FORMAT = "lightning-prune-compact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the fingerprint hashes module names and class names, not the import path
 
 
 class CompactModelMismatchError(CompactionError):
@@ -79,15 +79,14 @@ def load_compact(base_model: nn.Module, path: str | os.PathLike, map_location: A
             f"but the base model given is a {class_name(base_model)} (fingerprint {fingerprint}) with other "
             "layers or layer sizes: build the base model exactly as the one that was pruned"
         )
-    example = example_from_spec(payload["inputs"])
     device = next((p.device for p in base_model.parameters()), torch.device("cpu"))
-    example = tuple(e.to(device) if isinstance(e, torch.Tensor) else e for e in example)
     model = compact(
         base_model,
         payload["masks"],
-        example,
+        example_from_spec(payload["inputs"], device),
         prefix=payload["prefix"],
         leaf_modules=payload["leaf_modules"],
+        complete_ties=True,  # the masks of a compact model already built: checked (or completed) then
     )
     try:
         missing, unexpected = model.load_state_dict(payload["state_dict"], strict=False)

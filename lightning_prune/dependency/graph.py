@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -98,15 +99,16 @@ def build_dependency_graph(
     """Trace ``model`` on ``example_input`` and find its gates and neurons.
 
     Names are qualified module names of ``model``, prefixed by ``prefix`` (e.g. ``"model."`` when
-    ``model`` is an attribute of a LightningModule). Raises :class:`UnsupportedModelError` when nothing
-    can be pruned.
+    ``model`` is an attribute of a LightningModule); ``ignored_modules`` and ``leaf_modules`` may be given
+    with or without it. Raises :class:`UnsupportedModelError` when nothing can be pruned, and
+    :class:`PruningConfigurationError` for a module name that ``model`` does not have.
     """
     if placement not in GATE_PLACEMENTS:
         raise PruningConfigurationError(f"gate placement must be one of {GATE_PLACEMENTS}, got {placement!r}")
-    gm = trace(model, example_input, leaf_modules)
+    ignored = tuple(module_names(model, ignored_modules, prefix, "ignored_modules"))
+    gm = trace(model, example_input, module_names(model, leaf_modules, prefix, "leaf_modules"))
     prop = propagate(gm)
     nodes = prop.nodes
-    ignored = tuple(ignored_modules)
     for name, use in prop.layers.items():
         if use.calls > 1:
             for tensor in (use.in_nodes, use.out_nodes):
@@ -176,6 +178,31 @@ def build_dependency_graph(
         detail = "; ".join(f"{r} ({k} neurons)" for r, k in reasons) or "no BatchNorm, Conv or Linear layer found"
         raise UnsupportedModelError(f"no prunable layer in {type(model).__name__}: {detail}")
     return graph
+
+
+def module_names(model: nn.Module, names: Iterable[str], prefix: str = "", what: str = "module name") -> list[str]:
+    """``names`` as qualified names within ``model``: each one given as such or with ``prefix`` in front.
+
+    Raises :class:`PruningConfigurationError` naming every unknown name and the closest existing ones
+    (a typo would otherwise silently leave the layer it meant pruned, or traced)."""
+    known = {n for n, _ in model.named_modules() if n}
+    resolved, unknown = [], []
+    for name in names:
+        relative = name[len(prefix):] if prefix and name.startswith(prefix) else name
+        (resolved if relative in known else unknown).append(relative if relative in known else name)
+    if unknown:
+        candidates = sorted(known | {prefix + n for n in known})
+
+        def hint(name: str) -> str:
+            close = difflib.get_close_matches(name, candidates, n=3)
+            return f"{name!r}: did you mean {', '.join(map(repr, close))}?" if close else f"{name!r}: no similar name"
+
+        with_prefix = f" (optionally prefixed by {prefix!r})" if prefix else ""
+        raise PruningConfigurationError(
+            f"{what}: no module named {', '.join(map(repr, unknown))} in {type(model).__name__} "
+            f"({'; '.join(map(hint, unknown))}). Give qualified names as in `named_modules()`{with_prefix}."
+        )
+    return resolved
 
 
 def _kind(module: nn.Module) -> Literal["batchnorm", "conv", "linear"]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from lightning_prune.errors import PruningConfigurationError
@@ -35,4 +36,12 @@ def get_criterion(criterion: str | Criterion, **kwargs: Any) -> Criterion:
         raise PruningConfigurationError(
             f"unknown criterion {criterion!r}; registered criteria: {', '.join(available_criteria())}"
         )
-    return _CRITERIA[criterion](**kwargs)
+    cls = _CRITERIA[criterion]
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        accepted = [p for p in inspect.signature(cls).parameters.values() if p.kind is not p.VAR_POSITIONAL]
+        raise PruningConfigurationError(
+            f"criterion {criterion!r} does not accept criterion_kwargs {kwargs} ({err}); it accepts "
+            f"{', '.join(str(p) for p in accepted) or 'no arguments'}"
+        ) from err

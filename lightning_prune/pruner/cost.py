@@ -58,13 +58,14 @@ class CostModel:
             fin = 1.0  # depthwise: each filter reads its own channel, counted by the output fraction
         return fin, fout
 
-    def flops(self, alive: torch.Tensor) -> float:
+    def flops(self, alive: torch.Tensor) -> int:
+        """FLOPs per example, a whole number (the fractions of channels kept only scale exact counts)."""
         total = self._fixed_flops
         padded = torch.cat([alive, torch.tensor([False])])
         for name, base in self.layer_flops.items():
             fin, fout = self._fractions(name, padded)
             total += base * fin * fout
-        return total
+        return round(total)
 
     def params(self, alive: torch.Tensor) -> int:
         total = self._other_params

@@ -21,7 +21,7 @@ class PruningRecord:
     neurons_pruned: int  # total so far
     neurons_remaining: int  # prunable neurons still alive
     loss: float | None  # smoothed training loss
-    flops: float  # per example, of the network with removed neurons cut out
+    flops: int  # per example, of the network with removed neurons cut out
     params: int
     removed: list[dict[str, int | str]] = field(default_factory=list)  # {"layer", "index"} per channel
 
