@@ -2,10 +2,11 @@
 
 from lightning_prune.callbacks import TaylorPruningCallback
 from lightning_prune.compaction import CompactionError, CompactModelMismatchError, compact, load_compact, save_compact
-from lightning_prune.compaction import optimize_for_inference
+from lightning_prune.compaction import PruningMasks, optimize_for_inference
 from lightning_prune.dependency import DependencyGraph, build_dependency_graph
 from lightning_prune.errors import PruningConfigurationError, UnsupportedModelError, UnsupportedStrategyError
-from lightning_prune.importance import Criterion, available_criteria, get_criterion, register_criterion
+from lightning_prune.importance import Criterion, ImportanceScores, available_criteria, get_criterion, register_criterion
+from lightning_prune.importance import estimate_importance, prune_once
 
 __version__ = "0.1.0"
 
@@ -14,16 +15,20 @@ __all__ = [
     "CompactionError",
     "Criterion",
     "DependencyGraph",
+    "ImportanceScores",
     "PruningConfigurationError",
+    "PruningMasks",
     "TaylorPruningCallback",
     "UnsupportedModelError",
     "UnsupportedStrategyError",
     "available_criteria",
     "build_dependency_graph",
     "compact",
+    "estimate_importance",
     "get_criterion",
     "load_compact",
     "optimize_for_inference",
+    "prune_once",
     "register_criterion",
     "save_compact",
 ]

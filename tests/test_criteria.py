@@ -11,6 +11,7 @@ from helpers import Classifier, SmallCNN, SmallResNet, gate_gradients, relative_
 from torch import nn
 
 from lightning_prune import PruningConfigurationError, TaylorPruningCallback, available_criteria
+from lightning_prune.compaction import alive_from_masks
 from lightning_prune.importance import estimate_importance, get_criterion, prune_once
 from lightning_prune.importance.estimate import graph_for
 from lightning_prune.importance.hessian import hessian_diagonal
@@ -227,7 +228,7 @@ def test_prune_once_zeroes_the_lowest_scoring_neurons():
     model = SmallResNet().eval()
     data = _data()
     scores = estimate_importance(model, data, criterion="taylor_fo_bn")
-    alive = prune_once(model, scores, num=5)
+    alive = alive_from_masks(scores.graph, prune_once(model, scores, num=5))
     removed = torch.nonzero(~alive).flatten()
     assert removed.numel() == 5
     finite = torch.nan_to_num(scores.neurons, nan=float("inf"))
@@ -278,3 +279,24 @@ def test_obd_weight_pruning_once_and_in_the_training_loop():
     for name, p in module.named_parameters():
         if name in cb.masks:
             assert (p[~cb.masks[name]] == 0).all()  # zeroed and frozen through training
+
+
+def test_standalone_path_with_the_public_api_only():
+    """estimate_importance -> prune_once -> compact, one object handed on at each step, names from the
+    package's top level: the compact model computes the masked one, and masks feed a further prune_once."""
+    import lightning_prune as lp
+
+    torch.manual_seed(0)
+    model = SmallResNet().eval()
+    data = _data()
+    scores = lp.estimate_importance(model, data, criterion="taylor_fo_bn")
+    masks = lp.prune_once(model, scores, fraction=0.25)
+    assert isinstance(masks, lp.PruningMasks) and set(masks) == set(scores.graph.gates)
+    removed = sum(int((~m).sum()) for m in masks.values())
+    small = lp.compact(model, masks)  # no example input: the masks know how the network was traced
+    x = data[0][0]
+    with torch.no_grad():
+        assert torch.allclose(small(x), model(x), atol=1e-5)
+    again = lp.prune_once(model, lp.estimate_importance(model, data), num=3, alive=masks)
+    assert sum(int((~m).sum()) for m in again.values()) > removed
+    assert all(torch.equal(again[n] & m, again[n]) for n, m in masks.items())  # removed stays removed

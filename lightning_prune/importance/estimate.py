@@ -1,12 +1,13 @@
 """Importance without a Trainer: score every prunable neuron on some batches, and prune once.
 
 >>> scores = estimate_importance(model, loader, criterion="taylor_fo_bn", num_batches=8)
->>> removed = prune_once(model, scores, fraction=0.1)
+>>> masks = prune_once(model, scores, fraction=0.1)
+>>> small = lightning_prune.compact(model, masks)
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_prune.compaction.compact import PruningMasks, alive_from_masks, masks_from_alive
 from lightning_prune.dependency import DependencyGraph, build_dependency_graph
 from lightning_prune.errors import PruningConfigurationError
 from lightning_prune.importance.base import Criterion
@@ -32,6 +34,7 @@ class ImportanceScores:
     gates: dict[str, torch.Tensor]
     neurons: torch.Tensor
     graph: DependencyGraph
+    placement: str = "after_bn"  # where the gates sit (which layers the masks of prune_once name)
 
     @property
     def prunable(self) -> torch.Tensor:
@@ -132,7 +135,7 @@ def estimate_importance(
         mask = graph.prunable if alive is None else graph.prunable & alive
         neurons[~mask] = float("nan")
         results[c.name if c.name not in results else f"{c.name}#{len(results)}"] = ImportanceScores(
-            c.name, scores, neurons, graph
+            c.name, scores, neurons, graph, gate_placement
         )
     return next(iter(results.values())) if single else results
 
@@ -144,16 +147,20 @@ def prune_once(
     num: int | None = None,
     fraction: float | None = None,
     graph: DependencyGraph | None = None,
-    alive: torch.Tensor | None = None,
+    alive: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
     min_channels: int = 1,
-) -> torch.Tensor:
+) -> PruningMasks:
     """Remove the ``num`` (or ``fraction`` of the prunable) lowest-scoring neurons by zeroing their
-    parameters (filters, biases, BatchNorm gamma/beta/running mean). Returns the bool ``alive`` vector
-    per neuron after pruning; pass it back (``alive=``) to prune further in steps.
+    parameters (filters, biases, BatchNorm gamma/beta/running mean).
+
+    Returns the masks of every gated layer after pruning, ready for :func:`lightning_prune.compact`
+    (they record how the network was traced); pass them back as ``alive=`` to prune further in steps
+    (a bool-per-neuron vector works too).
     """
+    placement = "after_bn"
     if isinstance(scores, ImportanceScores):
         graph = graph or scores.graph
-        values = scores.neurons
+        values, placement = scores.neurons, scores.placement
     else:
         values = scores
     if graph is None:
@@ -162,12 +169,17 @@ def prune_once(
         raise PruningConfigurationError("give exactly one of num and fraction")
     if num is None:
         num = round(fraction * graph.num_prunable)
-    alive = torch.ones(graph.num_neurons, dtype=torch.bool) if alive is None else alive.clone()
+    if alive is None:
+        alive = torch.ones(graph.num_neurons, dtype=torch.bool)
+    elif isinstance(alive, Mapping):
+        alive = alive_from_masks(graph, alive)
+    else:
+        alive = alive.clone()
     values = torch.nan_to_num(values.double(), nan=float("inf"))
     chosen = NeuronSelector(graph, min_channels).select(values, alive, num)
     alive[chosen] = False
     apply_alive(graph, alive)
-    return alive
+    return masks_from_alive(graph, alive, placement)
 
 
 def apply_alive(graph: DependencyGraph, alive: torch.Tensor) -> None:

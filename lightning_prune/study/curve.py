@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_prune.importance import estimate_importance, prune_once
+from lightning_prune.compaction import alive_from_masks
 from lightning_prune.importance.estimate import apply_alive, graph_for
 from lightning_prune.oracle import oracle_importance
 from lightning_prune.study.common import batches_of, build_model, load_split
@@ -80,9 +81,9 @@ def prune_curve(base: nn.Module, entry: CriterionEntry, seed: int, cfg: Any, tra
                     hessian_samples=cfg.hessian_samples, seed=seed,
                 ).neurons  # fmt: skip
         num = min(cfg.step, max_pruned - record["pruned"][-1])
-        new_alive = prune_once(
+        new_alive = alive_from_masks(graph, prune_once(
             model, order_scores.clone(), num=num, graph=graph, alive=alive, min_channels=cfg.min_channels
-        )
+        ))  # fmt: skip
         if int((alive & ~new_alive).sum()) == 0:
             break
         alive = new_alive
