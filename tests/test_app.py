@@ -5,6 +5,8 @@ subset, multirun + report, data modules, model factories and error messages."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -27,7 +29,9 @@ from lightning_prune.app import (
 )
 from lightning_prune.app.config import available_recipes, config_dir, register_resolvers
 from lightning_prune.app.models import cifar_resnet, torchvision_model, vgg11_bn_no_dropout
+from lightning_prune.app.report import load_runs, report_figure, run_labels
 from lightning_prune.app.report import main as report_main
+from lightning_prune.study.__main__ import main as study_main
 
 IMAGENET_RECIPES = {
     "imagenet_resnet50_taylor_fo_bn_56": ("resnet50", 0.56),
@@ -86,7 +90,7 @@ def test_recipe_composes_with_cfg_job(recipe: str, capsys: pytest.CaptureFixture
     for group in ("model", "data", "optimizer", "pruning", "trainer", "stages", "loss"):
         assert group in cfg, group
     assert "_target_" in cfg["model"] and "_target_" in cfg["data"] and "_target_" in cfg["optimizer"]
-    lr = {"default": 0.0025, "cifar10_preact_resnet18": 0.1}.get(recipe, 0.01)  # default: 0.01 x 64/256
+    lr = {"cifar10_preact_resnet18": 0.1}.get(recipe, 0.01)
     assert cfg["optimizer"]["lr"] == pytest.approx(lr)
     assert cfg["optimizer"]["momentum"] == 0.9
     assert cfg["pruning"]["criterion"] == "taylor_fo_bn"
@@ -102,6 +106,26 @@ def test_recipe_composes_with_cfg_job(recipe: str, capsys: pytest.CaptureFixture
         assert cfg["stages"]["prune"]["max_epochs"] + cfg["stages"]["finetune"]["max_epochs"] >= 25
     else:
         assert cfg["pruning"]["prune_every_n_batches"] == 10
+
+
+def test_default_recipe_prunes_gently_and_fine_tunes_to_a_lower_rate() -> None:
+    """The demo users run first: small pruning steps, fine-tuning longer than pruning, ending at a lower rate
+    (20 neurons every 10 minibatches and 30 fine-tuning steps lost about 10 points of top-1)."""
+    cfg = _compose([])
+    p, finetune = cfg.pruning, cfg.stages.finetune
+    pruned = round(400 * (1 - p.keep_ratio))  # ResNet-20: 400 prunable neurons
+    prune_batches = -(-pruned // p.neurons_per_step) * p.prune_every_n_batches
+    assert p.neurons_per_step <= 0.025 * 400 and finetune.max_steps > prune_batches
+    assert finetune.max_epochs * (10 * cfg.data.train_per_class // cfg.data.batch_size) >= finetune.max_steps
+    from hydra.utils import instantiate
+
+    optimizer = torch.optim.SGD(nn.Linear(1, 1).parameters(), lr=cfg.optimizer.lr)
+    scheduler = instantiate(cfg.scheduler)(optimizer)
+    assert cfg.module.scheduler_interval == "step"
+    for _ in range(finetune.max_steps):
+        optimizer.step()
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] < 0.5 * cfg.optimizer.lr  # the last steps at a lower rate
 
 
 def test_ddp_settings_compose() -> None:
@@ -122,6 +146,37 @@ def test_user_target_swaps_in(tmp_path: Path) -> None:
 
     assert type(instantiate(cfg.model)).__name__ == "ResNet"
     assert isinstance(instantiate(cfg.loss), nn.NLLLoss)
+
+
+# ---------------------------------------------------------------------------------------- command lines
+def _run(module: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``python -m module args`` in a fresh process, as a user types it; fails the test on a crash."""
+    done = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})})  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_app_help_names_the_app(tmp_path: Path) -> None:
+    out = _run("lightning_prune", "--help", env={"LIGHTNING_PRUNE_DATA": str(tmp_path)}).stdout
+    assert out.startswith("lightning-prune: ") and "__main__" not in out
+    assert "recipe=cifar10_resnet56" in out and "cifar10_lenet3" in out  # examples, and the recipes as a group
+    assert "${" not in out and f"data_dir: {tmp_path}" in out  # the configuration, resolved
+
+
+def test_cfg_job_shows_the_real_data_dir(tmp_path: Path) -> None:
+    out = _run("lightning_prune", "--cfg", "job", env={"LIGHTNING_PRUNE_DATA": str(tmp_path)}).stdout
+    cfg = yaml.safe_load(out)
+    assert cfg["paths"]["data_dir"] == str(tmp_path) and cfg["data"]["data_dir"] == str(tmp_path)
+    assert cfg["model"]["pretrained_dir"] == str(tmp_path / "pretrained") and "${" not in out
+
+
+def test_study_help() -> None:
+    out = _run("lightning_prune.study", "correlation", "--help").stdout
+    assert out.startswith("usage: python -m lightning_prune.study") and "images: 1024" in out
+    with pytest.raises(SystemExit) as info:
+        study_main(["--help"])
+    assert info.value.code == 0
 
 
 # -------------------------------------------------------------------------- ImageNet recipes, a few steps
@@ -185,12 +240,12 @@ def test_default_recipe_end_to_end(data_dir: Path, tmp_path: Path) -> None:
           "stages.finetune.max_steps=2", *QUIET])  # fmt: skip
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["recipe"] == "default"
-    assert metrics["pruning"]["target_reached"] and metrics["pruning"]["neurons_pruned"] == 160
+    assert metrics["pruning"]["target_reached"] and metrics["pruning"]["neurons_pruned"] == 120
     stages = metrics["stages"]
     assert stages["initial"]["top1"] > 0.5  # the shared pretrained ResNet-20 on 40 real test images
     assert stages["initial"]["flops"] == pytest.approx(metrics["pruning"]["initial_flops"])
     assert stages["finetuned"]["flops"] < 0.9 * stages["initial"]["flops"]
-    assert stages["finetuned"]["neurons_kept"] == 240
+    assert stages["finetuned"]["neurons_kept"] == 280
     final = metrics["final"]
     for key in ("top1", "loss", "flops", "params", "neurons_kept", "wall_time_s"):
         assert final[key] is not None, key
@@ -246,6 +301,50 @@ def test_multirun_sweep_and_report(data_dir: Path, tmp_path: Path, capsys: pytes
     # the subcommand form works too
     _cli(["report", str(sweep), "--out", str(tmp_path / "again")])
     assert (tmp_path / "again" / "report.md").read_text() == text
+
+
+def _fake_run(run_dir: Path, overrides: list[str], top1: float, flops: float) -> None:
+    """A run folder as the app writes it: overrides, metrics.json, pruning_curve.csv."""
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    metrics = {"recipe": "cifar10_lenet3", "final": {"top1": top1, "flops": flops}}
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    (run_dir / "pruning_curve.csv").write_text(f"neurons_pruned,flops,val_top1\n0,4e6,0.6\n63,{flops},{top1}\n")
+
+
+def test_report_labels_are_the_differing_overrides() -> None:
+    common = {"recipe": "cifar10_lenet3", "data.batch_size": "50", "data.train_per_class": "10"}
+    runs = [
+        {"overrides": {**common, "pruning.criterion": c, "seed": s}, "metrics": {"recipe": "cifar10_lenet3"},
+         "dir": Path(f"{i}")}
+        for i, (c, s) in enumerate([("taylor_fo_bn", "0"), ("taylor_fo_bn", "1"), ("random", "0")])
+    ]  # fmt: skip
+    assert run_labels(runs) == ["pruning.criterion=taylor_fo_bn"] * 2 + ["pruning.criterion=random"]
+    assert run_labels(runs, group_out=()) == [
+        "pruning.criterion=taylor_fo_bn, seed=0", "pruning.criterion=taylor_fo_bn, seed=1",
+        "pruning.criterion=random, seed=0"]  # fmt: skip
+    assert run_labels(runs[:1]) == ["cifar10_lenet3"]  # nothing differs: the recipe
+
+
+def test_report_png_has_a_legend_on_each_panel(tmp_path: Path) -> None:
+    common = ["recipe=cifar10_lenet3", "data.train_per_class=10", "data.val_per_class=5", "data.batch_size=50"]
+    jobs = [(c, s) for c in ("taylor_fo_bn", "weight_norm", "random") for s in (0, 1)]
+    for i, (criterion, seed) in enumerate(jobs):
+        overrides = [*common, f"pruning.criterion={criterion}", f"seed={seed}"]
+        _fake_run(tmp_path / str(i), overrides, top1=0.5 + i / 20, flops=2e6 - i * 1e5)
+    runs = load_runs(tmp_path)
+    fig = report_figure(runs)
+    fig.canvas.draw()
+    expected = [f"pruning.criterion={c}" for c in ("taylor_fo_bn", "weight_norm", "random")]
+    assert len(fig.axes) == 2
+    for ax in fig.axes:
+        legend = ax.get_legend()
+        assert legend is not None, ax.get_title()
+        assert [t.get_text() for t in legend.get_texts()] == expected
+        box = legend.get_window_extent()  # inside the figure: no label cut off
+        assert fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1 and fig.bbox.y0 <= box.y0 and box.y1 <= fig.bbox.y1
+    report_main([str(tmp_path)])
+    assert (tmp_path / "report.png").stat().st_size > 0
 
 
 # ------------------------------------------------------------------------------------------- data modules

@@ -75,6 +75,14 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
+def differing_keys(runs: list[dict[str, Any]]) -> list[str]:
+    """The override keys whose value is not the same in every run (none for a single run)."""
+    if len(runs) < 2:
+        return []
+    keys = sorted({k for r in runs for k in r["overrides"]})
+    return [k for k in keys if len({r["overrides"].get(k) for r in runs}) > 1]
+
+
 def make_report(root: str | Path, group_out: tuple[str, ...] = ("seed",)) -> tuple[str, list[dict[str, Any]]]:
     """The Markdown report of the runs under ``root`` and the runs themselves."""
     root = Path(root)
@@ -83,7 +91,7 @@ def make_report(root: str | Path, group_out: tuple[str, ...] = ("seed",)) -> tup
         raise FileNotFoundError(f"no run with a metrics.json under {root}")
     all_keys = sorted({k for r in runs for k in r["overrides"]})
     # columns: the overrides that differ between runs; the shared ones are listed once above the table
-    keys = [k for k in all_keys if len({r["overrides"].get(k) for r in runs}) > 1] if len(runs) > 1 else []
+    keys = differing_keys(runs)
     shared = [f"`{k}={runs[0]['overrides'][k]}`" for k in all_keys if k not in keys]
     lines = [f"# Sweep report: {root}", "", f"{len(runs)} runs."]
     if shared:
@@ -126,34 +134,46 @@ def make_report(root: str | Path, group_out: tuple[str, ...] = ("seed",)) -> tup
     return "\n".join(lines) + "\n", runs
 
 
-def _label(run: dict[str, Any], group_out: tuple[str, ...]) -> str:
-    items = [f"{k}={v}" for k, v in sorted(run["overrides"].items()) if k not in group_out]
-    return ", ".join(items) or run["metrics"].get("recipe") or run["dir"].name
+def run_labels(runs: list[dict[str, Any]], group_out: tuple[str, ...] = ("seed",)) -> list[str]:
+    """One legend label per run: the overrides that differ between the runs, less ``group_out`` (runs that
+    differ only in those share a label); the recipe (or folder) name where nothing is left."""
+    keys = [k for k in differing_keys(runs) if k not in group_out]
+    return [
+        ", ".join(f"{k}={r['overrides'][k]}" for k in keys if k in r["overrides"])
+        or r["metrics"].get("recipe") or r["dir"].name
+        for r in runs
+    ]
 
 
-def plot_report(runs: list[dict[str, Any]], path: Path, group_out: tuple[str, ...] = ("seed",)) -> Path:
-    fig, (ax_curve, ax_flops) = plt.subplots(1, 2, figsize=(12, 4.5))
-    labels = sorted({_label(r, group_out) for r in runs})
-    colors = {label: plt.cm.tab10(i % 10) for i, label in enumerate(labels)}
-    seen: set[str] = set()
-    for r in runs:
-        label = _label(r, group_out)
-        legend = label if label not in seen else None
-        seen.add(label)
+def report_figure(runs: list[dict[str, Any]], group_out: tuple[str, ...] = ("seed",)) -> plt.Figure:
+    """Accuracy while pruning and final FLOPs vs accuracy, one colour per label, a legend under each panel."""
+    fig, (ax_curve, ax_flops) = plt.subplots(1, 2, figsize=(12, 4.5), layout="constrained")
+    labels = run_labels(runs, group_out)
+    colors = {label: plt.cm.tab10(i % 10) for i, label in enumerate(dict.fromkeys(labels))}
+    curve_seen: set[str] = set()
+    flops_seen: set[str] = set()
+    for r, label in zip(runs, labels):
         if r["curve"]:
-            ax_curve.plot([c["neurons_pruned"] for c in r["curve"]], [100 * c["val_top1"] for c in r["curve"]],
-                          "-", color=colors[label], alpha=0.8, label=legend)  # fmt: skip
+            ax_curve.plot([c["neurons_pruned"] for c in r["curve"]], [100 * c["val_top1"] for c in r["curve"]], "-",
+                          color=colors[label], alpha=0.8, label=None if label in curve_seen else label)  # fmt: skip
+            curve_seen.add(label)
         f = r["metrics"].get("final", {})
         if f.get("flops") is not None and f.get("top1") is not None:
-            ax_flops.scatter(f["flops"] / 1e6, 100 * f["top1"], color=colors[label], label=legend)
+            ax_flops.scatter(f["flops"] / 1e6, 100 * f["top1"], color=colors[label],
+                             label=None if label in flops_seen else label)  # fmt: skip
+            flops_seen.add(label)
     ax_curve.set(xlabel="neurons pruned", ylabel="top-1 accuracy (%)", title="accuracy while pruning (probe)")
     ax_flops.set(xlabel="MFLOPs per example", ylabel="final top-1 accuracy (%)", title="FLOPs vs accuracy")
     for ax in (ax_curve, ax_flops):
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+            ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.15), frameon=False)
+    return fig
+
+
+def plot_report(runs: list[dict[str, Any]], path: Path, group_out: tuple[str, ...] = ("seed",)) -> Path:
+    fig = report_figure(runs, group_out)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # tight: nothing of the legends is cut off
     plt.close(fig)
     return path
 

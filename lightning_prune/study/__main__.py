@@ -18,13 +18,18 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 STUDIES = ("correlation", "curve", "layer")
+HELP = ("-h", "--help")
+USAGE = f"usage: python -m lightning_prune.study {{{','.join(STUDIES)}}} [--config-name NAME] [key=value ...]"
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Run a study; with ``-h``/``--help``, print the usage and the study's configuration and exit."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    show_help = any(arg in HELP for arg in argv)
+    argv = [arg for arg in argv if arg not in HELP]  # the rest are Hydra overrides: compose() knows no flags
     if not argv or argv[0] not in STUDIES:
         print(__doc__)
-        raise SystemExit(f"usage: python -m lightning_prune.study {{{','.join(STUDIES)}}} [key=value ...]")
+        raise SystemExit(0 if show_help else USAGE)
     study, overrides = argv[0], argv[1:]
     config_name = study
     for arg in list(overrides):  # --config-name NAME: another config of the study (e.g. label_free)
@@ -34,6 +39,10 @@ def main(argv: list[str] | None = None) -> dict:
             overrides.remove(arg)
     with initialize_config_module(config_module="lightning_prune.study.conf", version_base=None):
         cfg = compose(config_name=config_name, overrides=overrides)
+    if show_help:
+        print(f"{USAGE}\n\nThe `{config_name}` configuration of the {study} study (override any key with key=value):\n")
+        print(OmegaConf.to_yaml(cfg, resolve=True))
+        raise SystemExit(0)
     print(OmegaConf.to_yaml(cfg), flush=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if study == "correlation":
