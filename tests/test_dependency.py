@@ -137,3 +137,80 @@ def test_depthwise_and_concatenation(factory):
         assert new.numel() == 128
         later = graph.gates["features.denseblock1.denselayer2.norm1"].neurons
         assert torch.equal(later[64:96], graph.writers["features.denseblock1.denselayer1.conv2"])
+
+
+class _BroadcastBias(nn.Module):
+    """Scores ``(B, 4, D, H, W)`` plus a bias ``(1, 4, H, W)``: broadcasting meets the bias' 4 channels with
+    dimension 2 of the scores (MaxViT's relative-position bias), so their channels are not tied."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0, self.bn0 = nn.Conv3d(3, 6, 1), nn.BatchNorm3d(6)
+        self.scores, self.bn3 = nn.Conv3d(6, 4, 1), nn.BatchNorm3d(4)
+        self.bias, self.bn2 = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x5: torch.Tensor, x4: torch.Tensor) -> torch.Tensor:
+        scores = self.bn3(self.scores(torch.relu(self.bn0(self.conv0(x5)))))
+        y = torch.relu(scores + self.bn2(self.bias(x4)))
+        return self.head(y.mean(dim=(2, 3, 4)))
+
+
+def test_broadcast_operands_are_not_tied_by_position():
+    from lightning_prune.compaction import alive_from_masks, compact
+    from lightning_prune.pruner import NeuronMasks
+
+    model = _BroadcastBias().eval()
+    example = (torch.randn(2, 3, 4, 4, 4), torch.randn(1, 3, 4, 4))
+    graph = build_dependency_graph(model, example)
+    assert set(graph.gates) == {"bn0"}  # the scores and the bias meet no channel of each other: unprunable
+    assert any("broadcast" in reason for reason in graph.blocked.values())
+    masks = {"bn0": torch.arange(6) % 2 == 0}
+    small = compact(model, masks, graph=graph)
+    zero = NeuronMasks(graph)
+    zero.update(~alive_from_masks(graph, masks))
+    zero.zero_parameters()
+    with torch.no_grad():
+        assert torch.allclose(small(*example), model(*example), atol=1e-6)
+
+
+class _GroupedAndReduced(nn.Module):
+    """A grouped convolution (groups=2, not depthwise) and a sum over the channels (an energy map)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.conv3 = nn.Conv2d(8, 6, 3, padding=1)
+        self.bn3 = nn.BatchNorm2d(6)
+        self.conv4 = nn.Conv2d(6, 4, 1)
+        self.bn4 = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.grouped(x)))
+        x = torch.relu(self.bn3(self.conv3(x)))
+        energy = self.bn4(self.conv4(x)).sum(dim=1)  # a reduction over the channels
+        return self.fc(x.mean((2, 3))) + energy.mean((1, 2)).unsqueeze(1)
+
+
+def test_grouped_convolutions_and_channel_reductions_keep_their_channels_with_the_reason():
+    """Removing a channel of a grouped convolution's input would shift the groups, and a channel summed with
+    the others has no output of its own to cut: both sides of the grouped convolution and the channels
+    reduced over are unprunable, each neuron with its reason in ``graph.blocked``; the rest stays prunable
+    (bn3: read by an ordinary convolution and by a mean over positions only)."""
+    graph = build_dependency_graph(_GroupedAndReduced(), torch.randn(2, 3, 8, 8))
+    assert set(graph.gates) == {"bn3"} and graph.num_prunable == 6
+    assert graph.prunable[graph.gates["bn3"].neurons].all()
+    reasons = {
+        "conv1": "grouped convolution grouped (groups=2)",  # the grouped convolution's input
+        "grouped": "grouped convolution grouped (groups=2)",  # and its output
+        "conv4": "reduction sum over the channel",
+    }
+    for layer, reason in reasons.items():
+        neurons = graph.writers[layer].tolist()
+        assert not graph.prunable[neurons].any(), layer
+        assert all(reason in graph.blocked[n] for n in neurons), (layer, [graph.blocked.get(n) for n in neurons])

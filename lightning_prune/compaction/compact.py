@@ -666,9 +666,13 @@ class _Builder:
         return None
 
     def binary_tags(self, node: fx.Node) -> tuple[ChannelTag, fx.Node, fx.Node] | None:
+        """The output tag and the two operands of an element-wise op whose channels meet one by one (the
+        graph tied them); else None, and the op runs on full-width inputs."""
         out = self.tag(node)
         args = node.args[:2]
         if out is None or len(args) != 2 or not all(self.tag(a) is not None for a in args):
+            return None
+        if not (self.tag(args[0]).aligned(self.tag(args[1])) and out.dim == self.tag(args[0]).dim):
             return None
         return out, args[0], args[1]
 

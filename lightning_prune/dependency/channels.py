@@ -28,6 +28,12 @@ class ChannelTag:
     def size(self) -> int:
         return self.nodes.numel()
 
+    def aligned(self, other: ChannelTag) -> bool:
+        """Whether an element-wise op meets this tensor's channels with ``other``'s one by one: broadcasting
+        aligns dimensions from the right, so the ranks and channel dimensions must be the same (a bias
+        ``(1, H, N, N)`` added to scores ``(B, H, P, N, N)`` meets its ``H`` with dimension 2, not 1)."""
+        return self.size == other.size and self.dim == other.dim and self.ndim == other.ndim
+
 
 class ChannelNodes:
     """Allocator and union-find of channel nodes, with reasons why some can't be pruned."""

@@ -260,11 +260,11 @@ class _Walker:
     def add(self, node: fx.Node) -> Any:
         operands = [self.value(a) for a in node.args[:2]]
         tags = [t for t in operands if isinstance(t, ChannelTag)]
-        if len(tags) == 2 and tags[0].size == tags[1].size and tags[0].dim == tags[1].dim:
+        if len(tags) == 2 and tags[0].aligned(tags[1]):
             self.nodes.union(tags[0].nodes, tags[1].nodes, residual=True)
             merged = torch.where(tags[0].nodes == ZERO, tags[1].nodes, tags[0].nodes)
             self.nodes.record_merge(merged, torch.where(tags[0].nodes == ZERO, tags[0].nodes, tags[1].nodes))
-            return ChannelTag(merged, tags[0].dim, max(tags[0].ndim, tags[1].ndim))
+            return ChannelTag(merged, tags[0].dim, tags[0].ndim)
         return self.opaque(node, "addition of a constant or of broadcast channels")
 
     def mul(self, node: fx.Node) -> Any:
@@ -275,8 +275,7 @@ class _Walker:
         divides = node.target in (operator.truediv, operator.itruediv, torch.div, "div", "div_")
         if len(tags) == 1 and len(numbers) == 1 and (not divides or isinstance(operands[0], ChannelTag)):
             return tags[0]
-        same = len(tags) == 2 and tags[0].size == tags[1].size and tags[0].dim == tags[1].dim
-        if same and not divides:
+        if len(tags) == 2 and tags[0].aligned(tags[1]) and not divides:
             self.nodes.union(tags[0].nodes, tags[1].nodes)
             return tags[0]
         return self.opaque(node, "multiplication or division by a tensor")
