@@ -467,6 +467,7 @@ class TaylorPruningCallback(Callback):
         self.num_pruned += chosen.numel()
         self._masks.update(~self._alive)
         self._masks.zero_parameters()
+        self._masks.zero_gradients()  # those of this step's backward, which held them still
         self._masks.zero_optimizer_state(trainer.optimizers)
         removed_set = set(chosen.tolist())
         removed = [
@@ -482,7 +483,7 @@ class TaylorPruningCallback(Callback):
             neurons_pruned=self.num_pruned,
             neurons_remaining=self.neurons_remaining,
             loss=loss,
-            flops=0.0,
+            flops=0,
             params=0,
             removed=removed,
         )
