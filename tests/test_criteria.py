@@ -216,11 +216,45 @@ def test_random_gradients_need_no_labels_are_seeded_and_normalisable():
     assert torch.equal(a.neurons[p], b.neurons[p])
     assert not torch.equal(a.neurons[p], c.neurons[p])
     assert not torch.allclose(a.neurons[p], norm.neurons[p])
-    # unit-normalised loss gradients: any criterion, via estimate_importance
+    # unit-normalised output gradients, any criterion via estimate_importance: E = mean_n <f(x_n), v_n> with
+    # v_n of unit l2 norm per example, the direction of the example's own loss gradient or a standard normal
+    # draw (the generator seeded with `seed`), so the gate gradient is (1/N) sum_n <v_n, df(x_n)/dz>
     y = torch.randint(0, 10, (16,))
     plain = estimate_importance(model, [(x, y)], criterion="taylor_fo_bn")
     normed = estimate_importance(model, [(x, y)], criterion="taylor_fo_bn", normalize_gradient=True)
-    assert not torch.allclose(plain.neurons[p], normed.neurons[p])
+    random_normed = estimate_importance(model, [x], criterion="taylor_fo_bn", gradient="random",
+                                        normalize_gradient=True, seed=1)  # fmt: skip
+    with torch.no_grad():
+        out = model(x)
+    loss_gradient = torch.softmax(out, 1) - F.one_hot(y, 10)  # d cross-entropy_n / d f(x_n)
+    draw = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+
+    def unit(v):
+        return v / v.norm(dim=1, keepdim=True)
+
+    n = len(x)
+    for scores, v in ((plain, loss_gradient / n), (normed, unit(loss_gradient) / n), (random_normed, unit(draw) / n)):
+        expected = _gate_gradients_of_linear_objective(model, list(scores.gates), x, v)
+        for name, g in expected.items():
+            assert relative_error(scores.gates[name], g.square()) < 1e-4, name
+
+
+def _gate_gradients_of_linear_objective(model, names, x, v):
+    """dE/dz of batch-shared gates z = 1 after the named modules, for E = sum_n <f(x_n), v_n>."""
+    modules = dict(model.named_modules())
+    gates, handles = {}, []
+    for name in names:
+        def hook(m, a, out, name=name):
+            gates[name] = torch.ones(1, out.shape[1], *[1] * (out.ndim - 2), requires_grad=True)
+            return out * gates[name]
+
+        handles.append(modules[name].register_forward_hook(hook))
+    try:
+        objective = (model(x) * v).sum()
+    finally:
+        for h in handles:
+            h.remove()
+    return dict(zip(names, (g.flatten() for g in torch.autograd.grad(objective, [gates[n] for n in names]))))
 
 
 def test_prune_once_zeroes_the_lowest_scoring_neurons():
@@ -300,3 +334,153 @@ def test_standalone_path_with_the_public_api_only():
     again = lp.prune_once(model, lp.estimate_importance(model, data), num=3, alive=masks)
     assert sum(int((~m).sum()) for m in again.values()) > removed
     assert all(torch.equal(again[n] & m, again[n]) for n, m in masks.items())  # removed stays removed
+
+
+# -- the later criteria inside the callback: one interval against autograd ------------------------------------
+
+GATED = ("bn1", "bn2", "fc1")  # SmallCNN's gated layers
+
+
+def _callback_interval(criterion: str, steps: int = 2):
+    """The importance the callback computes over its first interval (``steps`` optimizer steps, so no moving
+    average yet) on a float64 SmallCNN at learning rate 0 (weights unchanged, BatchNorm in training mode,
+    as the reference must be), with a copy of the network as it was and the batches it saw."""
+    torch.manual_seed(0)
+    name, _, form = criterion.partition(":")
+    model = SmallCNN().double()
+    reference = copy.deepcopy(model).train()
+    loader = synthetic_loader(n=16 * steps, batch_size=16, dtype=torch.float64)
+    cb = TaylorPruningCallback(name, prune_every_n_batches=steps, neurons_per_step=1, num_to_prune=1,
+                               criterion_kwargs={"form": form} if form else None)  # fmt: skip
+    trainer(callbacks=[cb], max_steps=steps).fit(Classifier(model, lr=0.0, example=X16.double()), loader)
+    assert [r.step for r in cb.history] == [steps]
+    return {n.removeprefix("model."): v for n, v in cb.importance.items()}, reference, list(loader)
+
+
+def _outputs_and_gradients(model, x, y):
+    """Each gated layer's output ``x`` as ``[N, C, M]`` and ``dE/dx`` of the mean cross-entropy, by autograd."""
+    store, handles = {}, []
+    for name in GATED:
+        def hook(m, a, out, name=name):
+            out.retain_grad()
+            store[name] = out
+
+        handles.append(getattr(model, name).register_forward_hook(hook))
+    model.zero_grad()
+    try:
+        F.cross_entropy(model(x), y).backward()
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: (o.detach().reshape(*o.shape[:2], -1), o.grad.reshape(*o.shape[:2], -1)) for n, o in store.items()}
+
+
+def _hook_reference(criterion, x, dx):
+    prod = x * dx
+    if criterion == "taylor_output":  # |mean over positions| per example, mean over examples, unit l2 norm
+        te = prod.mean(2).abs().mean(0)
+        return te / te.norm()
+    if criterion == "activation_mean":
+        return x.clamp_min(0).mean((0, 2))
+    if criterion == "apoz":  # 1 - APoZ: the fraction of non-zeros after the ReLU
+        return (x > 0).double().mean((0, 2))
+    if criterion == "taylor_fo_abs":
+        return prod.abs().mean((0, 2))
+    return prod.square().mean((0, 2))  # taylor_fo_sq
+
+
+@pytest.mark.parametrize("criterion", ["taylor_output", "activation_mean", "apoz", "taylor_fo_abs", "taylor_fo_sq"])
+def test_hook_criteria_in_the_callback_equal_their_definition_on_the_training_batches(criterion):
+    """The hooks record the training forwards and backwards: each step's scores by definition from the
+    autograd outputs and gradients of the same batch, averaged over the interval."""
+    importance, reference, batches = _callback_interval(criterion)
+    steps = [_outputs_and_gradients(reference, x, y) for x, y in batches]
+    for name in GATED:
+        expected = torch.stack([_hook_reference(criterion, *step[name]) for step in steps]).mean(0)
+        assert relative_error(importance[name], expected) < 1e-5, name
+
+
+def test_taylor_so_in_the_callback_uses_the_fisher_diagonal_of_the_gates():
+    """``(g - h/2)^2`` per step with ``g`` the step's gate gradient and ``h = N sum_n (dE/dz_n)^2`` (the
+    empirical Fisher, ``dE/dz_n`` being the per-sample gate gradient of the mean loss), N = 16 samples."""
+    importance, reference, batches = _callback_interval("taylor_so")
+    grads = gate_gradients(reference, list(GATED), [(x, y, 1.0) for x, y in batches], per_sample=True)
+    for name in GATED:
+        steps = [(g[name].sum(0) - 0.5 * 16 * g[name].square().sum(0)).square() for g in grads]
+        assert relative_error(importance[name], torch.stack(steps).mean(0)) < 1e-8, name
+
+
+# a neuron's parameters: the rows of the layers writing its channels
+_WRITERS = {"bn1": ("conv1", "bn1"), "bn2": ("conv2", "bn2"), "fc1": ("fc1",)}
+
+
+@pytest.mark.parametrize("criterion", ["obd", "obd:squared"])
+def test_obd_in_the_callback_uses_the_minibatch_fisher_diagonal(criterion):
+    """``sum over the neuron's parameters of h w^2 / 2`` with ``h = N (dE/dw)^2`` per step (signed, or the
+    sum squared), from the autograd weight gradients of the step's batch."""
+    importance, reference, batches = _callback_interval(criterion)
+    modules = dict(reference.named_modules())
+    for name, layers in _WRITERS.items():
+        steps = []
+        for x, y in batches:
+            reference.zero_grad()
+            F.cross_entropy(reference(x), y).backward()
+            saliency = sum(
+                (0.5 * 16 * p.grad.square() * p.detach().square()).reshape(p.shape[0], -1).sum(1)
+                for layer in layers
+                for p in (modules[layer].weight, modules[layer].bias)
+            )
+            steps.append(saliency.square() if criterion == "obd:squared" else saliency)
+        assert relative_error(importance[name], torch.stack(steps).mean(0)) < 1e-6, name  # float32 inside
+
+
+def test_elementwise_criteria_score_the_first_gated_layer_in_estimate_importance():
+    """dE/dx at the first gated layer was never computed (autograd.grad stopped at the gates), so its
+    neurons scored 0 under taylor_fo_abs/taylor_fo_sq and prune_once removed them first."""
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    x, y = _data(16)[0]
+    results = estimate_importance(model, [(x, y)], criterion=["taylor_fo_abs", "taylor_fo_sq"])
+    reference = _outputs_and_gradients(model, x, y)
+    for criterion, scores in results.items():
+        for name in GATED:
+            assert name in scores.gates, (criterion, name)
+            expected = _hook_reference(criterion, *reference[name])
+            assert relative_error(scores.gates[name], expected.float()) < 1e-4, (criterion, name)
+
+
+def test_a_user_criterion_registered_with_the_decorator_drives_the_callback(monkeypatch):
+    """``@lightning_prune.register_criterion`` on a ``Criterion`` subclass: the name is listed, takes
+    ``criterion_kwargs``, and the callback prunes by its scores (here ``|dE/dz|^power`` of each step)."""
+    import lightning_prune
+    from lightning_prune.importance import Criterion, registry
+
+    monkeypatch.setattr(registry, "_CRITERIA", dict(registry._CRITERIA))  # registered for this test only
+
+    @lightning_prune.register_criterion("user_abs_gate_gradient")
+    class AbsGateGradient(Criterion):
+        def __init__(self, power: float = 1.0) -> None:
+            self.power = power
+
+        def step_scores(self, grads):
+            return {name: g.abs() ** self.power for name, g in grads.total.items()}
+
+    assert "user_abs_gate_gradient" in lightning_prune.available_criteria()
+    with pytest.raises(ValueError, match="already registered"):  # a name is taken once
+        lightning_prune.register_criterion("user_abs_gate_gradient")(type("Other", (Criterion,), {}))
+    torch.manual_seed(0)
+    model = SmallCNN().double()
+    reference = copy.deepcopy(model).train()
+    loader = synthetic_loader(n=32, batch_size=16, dtype=torch.float64)
+    cb = TaylorPruningCallback("user_abs_gate_gradient", prune_every_n_batches=2, neurons_per_step=3, num_to_prune=3,
+                               criterion_kwargs={"power": 3.0})  # fmt: skip
+    trainer(callbacks=[cb], max_steps=2).fit(Classifier(model, lr=0.0, example=X16.double()), loader)
+    assert isinstance(cb.criterion, AbsGateGradient) and cb.criterion.power == 3.0
+    grads = gate_gradients(reference, list(GATED), [(x, y, 1.0) for x, y in loader])
+    scores = {name: torch.stack([g[name].abs() ** 3 for g in grads]).mean(0) for name in GATED}
+    for name in GATED:
+        assert relative_error(cb.importance["model." + name], scores[name]) < 1e-10, name
+    # the three lowest-scoring channels of the network went
+    flat = sorted((float(v), name, c) for name in GATED for c, v in enumerate(scores[name]))
+    removed = {("model." + name, c) for _, name, c in flat[:3]}
+    assert {(n, c) for n, m in cb.masks.items() for c in torch.nonzero(~m).flatten().tolist()} == removed

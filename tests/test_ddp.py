@@ -286,7 +286,9 @@ def test_accumulation_reads_the_synchronised_step(ddp_dir):
 @pytest.mark.parametrize("name,precision", [("bf16", "bf16-mixed"), ("fp16", "16-mixed")])
 def test_mixed_precision_one_decision_and_close_importance(name, precision, ddp_dir, reference_dir):
     """bf16-mixed, and 16-mixed with a CPU GradScaler: one decision on both ranks (hash test above), the
-    target reached, and the first importance close to the float32 single-process reference."""
+    target reached, and the first importance close to the float32 single-process reference: channel by
+    channel (rounding moves single scores by ~10%), and in scale, where rounding averages out: the ratio
+    of the sums catches a wrong overall factor above 3%, which the norm of the difference would accept."""
     ranks = _load(ddp_dir, name)
     info = ranks[0]["info"]
     assert info["precision"] == precision
@@ -297,8 +299,9 @@ def test_mixed_precision_one_decision_and_close_importance(name, precision, ddp_
     assert got["global_step"] == ref["global_step"]
     a = torch.cat([got["importance"][k] for k in sorted(ref["importance"])])
     b = torch.cat([ref["importance"][k] for k in sorted(ref["importance"])])
-    assert (a - b).norm() / b.norm() < 0.25  # measured: bf16 0.11, fp16 0.06
-    assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.98
+    assert (a - b).norm() / b.norm() < 0.15  # measured: bf16 0.10-0.11, fp16 0.05-0.06
+    assert float(a.sum() / b.sum()) == pytest.approx(1.0, abs=0.03)  # measured: bf16 0.994, fp16 0.999
+    assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.99  # measured: bf16 0.995, fp16 0.9985
 
 
 def test_resume_mid_pruning_under_ddp(ddp_dir):

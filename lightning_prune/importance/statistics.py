@@ -193,20 +193,21 @@ class Probe:
                     act = view.clamp_min(0)
                     stats.act_mean[gate.name] = act.mean(dim=(0, 2)).float().cpu()
                     stats.act_nonzero[gate.name] = (act > 0).float().mean(dim=(0, 2)).cpu()
-                if not need_grad:
+                if not need_grad or not self.requires & {"gate", "elementwise"}:
                     return None
-                if "elementwise" in self.requires and out.requires_grad:
+                z = torch.ones(_gate_shape(gate, out, True), device=out.device, dtype=out.dtype, requires_grad=True)
+                gates[gate.name] = z
+                gated = out * z
+                if "elementwise" in self.requires:
+                    # on the gated output, whose gradient the gate's needs (that of ``out`` may never be
+                    # computed, e.g. in the first gated layer): with z = 1 the two gradients are equal
                     def grad_hook(grad: torch.Tensor, view=view) -> None:
                         prod = view * channels_view(gate, grad.detach())
                         stats.xdx_abs[gate.name] = prod.abs().mean(dim=(0, 2)).float().cpu()
                         stats.xdx_sq[gate.name] = prod.square().mean(dim=(0, 2)).float().cpu()
 
-                    out.register_hook(grad_hook)
-                if self.requires & {"gate", "elementwise"}:
-                    z = torch.ones(_gate_shape(gate, out, True), device=out.device, dtype=out.dtype, requires_grad=True)
-                    gates[gate.name] = z
-                    return out * z
-                return None
+                    gated.register_hook(grad_hook)
+                return gated
 
             return hook
 
