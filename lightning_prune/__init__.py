@@ -7,6 +7,7 @@ from lightning_prune.dependency import DependencyGraph, build_dependency_graph
 from lightning_prune.errors import PruningConfigurationError, UnsupportedModelError, UnsupportedStrategyError
 from lightning_prune.importance import Criterion, ImportanceScores, available_criteria, get_criterion, register_criterion
 from lightning_prune.importance import estimate_importance, prune_once
+from lightning_prune.ops import OpRule, register_op_rule
 
 __version__ = "0.1.0"
 
@@ -16,6 +17,7 @@ __all__ = [
     "Criterion",
     "DependencyGraph",
     "ImportanceScores",
+    "OpRule",
     "PruningConfigurationError",
     "PruningMasks",
     "TaylorPruningCallback",
@@ -30,5 +32,6 @@ __all__ = [
     "optimize_for_inference",
     "prune_once",
     "register_criterion",
+    "register_op_rule",
     "save_compact",
 ]

@@ -8,7 +8,7 @@ import torchvision
 from helpers import SmallCNN, SmallResNet
 from torch import nn
 
-from lightning_prune import UnsupportedModelError, build_dependency_graph
+from lightning_prune import OpRule, UnsupportedModelError, build_dependency_graph, register_op_rule
 from lightning_prune.models import cifar_resnet20, preact_resnet18
 
 
@@ -214,3 +214,92 @@ def test_grouped_convolutions_and_channel_reductions_keep_their_channels_with_th
         neurons = graph.writers[layer].tolist()
         assert not graph.prunable[neurons].any(), layer
         assert all(reason in graph.blocked[n] for n in neurons), (layer, [graph.blocked.get(n) for n in neurons])
+
+
+class _ChannelScale(nn.Module):
+    """A learned scale per channel: an op the library does not know."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(channels) + 0.5)
+
+    def forward(self, x):
+        return x * self.weight.view(1, -1, 1, 1)
+
+
+class Scale(_ChannelScale):
+    """The same op, taught to the library by the rule below."""
+
+
+@register_op_rule(Scale)
+class _ScaleRule(OpRule):
+    def propagate(self, walker, node):
+        return walker.value(node.args[0])  # channel-wise: output channel c is input channel c, scaled
+
+    def compact(self, builder, node):
+        scale = builder.layer(node)  # the compact model's own copy, unless called twice
+        if scale is None:
+            return None  # run at full width
+        scale.weight = nn.Parameter(scale.weight[builder.kept[node.args[0]]])
+        return builder.copy(node)
+
+
+class _Scaled(nn.Module):
+    def __init__(self, scale: type[nn.Module] = Scale) -> None:
+        super().__init__()
+        self.conv1, self.bn1, self.scale = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), scale(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, x):
+        x = self.scale(torch.relu(self.bn1(self.conv1(x))))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_a_registered_rule_keeps_a_custom_modules_channels_prunable_and_compacts_it():
+    from lightning_prune.compaction import alive_from_masks, compact
+    from lightning_prune.pruner import NeuronMasks
+
+    model, x = _Scaled().eval(), torch.randn(2, 3, 8, 8)
+    graph = build_dependency_graph(model, x)
+    assert [n.op for n in graph.traced.graph.nodes if n.name == "scale"] == ["call_module"]  # traced as one op
+    assert set(graph.gates) == {"bn1", "bn2"} and graph.num_prunable == 8 + 6
+    masks = {"bn1": torch.arange(8) % 3 != 0, "bn2": torch.arange(6) < 4}
+    small = compact(model, masks, graph=graph)
+    assert small.scale.weight.shape == (5,) and small.conv2.in_channels == 5
+    zero = NeuronMasks(graph)
+    zero.update(~alive_from_masks(graph, masks))
+    zero.zero_parameters()
+    with torch.no_grad():
+        assert torch.allclose(small(x), model(x), atol=1e-6)
+
+
+def test_an_op_without_a_rule_blocks_its_channels_with_the_reason():
+    graph = build_dependency_graph(_Scaled(_ChannelScale), torch.randn(2, 3, 8, 8), leaf_modules=["scale"])
+    assert set(graph.gates) == {"bn2"}
+    assert all("unsupported op _ChannelScale (scale)" in graph.blocked[n] for n in graph.writers["bn1"].tolist())
+
+
+def test_a_second_rule_for_an_op_is_an_error_unless_it_overrides():
+    class Blocking(OpRule):
+        def propagate(self, walker, node):
+            return walker.opaque(node, "a blocking rule")
+
+    class Passing(OpRule):
+        def propagate(self, walker, node):
+            return walker.value(node.args[0])
+
+    class Op(_ChannelScale):
+        pass
+
+    with pytest.raises(ValueError, match=r"method \.view\(\) already has the op rule Reshape"):
+        register_op_rule(Op, "view")(Blocking)  # a built-in rule; nothing is registered, not even for Op
+    assert set(build_dependency_graph(_Scaled(Op), torch.randn(2, 3, 8, 8)).gates) == {"bn2"}  # traced through
+    register_op_rule(Op)(Blocking)
+    with pytest.raises(ValueError, match="Op already has the op rule Blocking; pass override=True"):
+        register_op_rule(Op)(Passing)
+    graph = build_dependency_graph(_Scaled(Op), torch.randn(2, 3, 8, 8))
+    assert set(graph.gates) == {"bn2"} and any("a blocking rule" in r for r in graph.blocked.values())
+    register_op_rule(Op, override=True)(Passing)
+    assert set(build_dependency_graph(_Scaled(Op), torch.randn(2, 3, 8, 8)).gates) == {"bn1", "bn2"}

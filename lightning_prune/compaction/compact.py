@@ -6,7 +6,8 @@ neurons still alive, each value of the compact network holds only its *kept* cha
 whose node is not structurally zero (``ZERO``, the padding of option-A shortcuts) and whose neuron is
 alive. Every other channel is exactly zero in the masked network, so dropping it changes nothing.
 
-The traced graph is copied node by node:
+The traced graph is copied node by node, each op rewritten by the ``compact`` half of its rule
+(:mod:`lightning_prune.ops`):
 
 * Conv (``groups == 1``), Linear: weights sliced on both the kept inputs and the kept outputs.
 * Depthwise Conv, BatchNorm: sliced on the kept channels (an input that lacks one of them, e.g. a
@@ -17,9 +18,9 @@ The traced graph is copied node by node:
   pooling, scaling by a number) work on the compact tensors as they are.
 * Channel zero-padding (option-A shortcuts) and channel slicing become gathers of the kept channels.
 * ``view``/``reshape`` get their channel count rewritten.
-* Anything else (an op the graph marked opaque, a module called twice, a grouped convolution, the
-  network's outputs) gets its inputs rebuilt at full width, zeros at the removed channels, so the
-  result is exact whatever the op does.
+* Anything else (an op without a rule or that its rule declines, a module called twice, a grouped
+  convolution, the network's outputs) gets its inputs rebuilt at full width, zeros at the removed
+  channels, so the result is exact whatever the op does.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
-import operator
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -41,20 +41,9 @@ from lightning_prune.dependency import DependencyGraph, build_dependency_graph
 from lightning_prune.dependency.channels import ZERO, ChannelTag
 from lightning_prune.dependency.trace import as_call_args
 from lightning_prune.errors import PruningConfigurationError
+from lightning_prune.ops import find_op_rule
 
 COMPACT_META = "_lightning_prune_compact"
-
-_ADD = {operator.add, operator.iadd, torch.add}
-_SUB = {operator.sub, operator.isub, torch.sub}
-_MUL = {operator.mul, operator.imul, torch.mul}
-_ADD_METHODS = {"add", "add_"}
-_SUB_METHODS = {"sub", "sub_"}
-_MUL_METHODS = {"mul", "mul_"}
-_OUT_OF_PLACE = {
-    operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
-    "add_": "add", "sub_": "sub", "mul_": "mul",
-}  # fmt: skip
-
 
 class CompactionError(PruningConfigurationError):
     """The masks or the model cannot be compacted as given."""
@@ -276,7 +265,7 @@ def compact(
     alive = alive_from_masks(graph, masks, complete_ties)
     if round_to is not None:
         alive = round_alive(graph, alive, round_to, _priority(graph, scores))
-    builder = _Builder(model, graph, alive)
+    builder = CompactBuilder(model, graph, alive)
     gm = builder.build()
     info = {
         "base_class": class_name(model),
@@ -450,8 +439,9 @@ def compact_info(model: nn.Module) -> dict[str, Any]:
     return info
 
 
-class _Builder:
-    """Copies ``graph.traced`` node by node into a compact graph (see the module docstring)."""
+class CompactBuilder:
+    """Copies ``graph.traced`` node by node into a compact graph, each op through its rule (see the module
+    docstring)."""
 
     def __init__(self, model: nn.Module, graph: DependencyGraph, alive: torch.Tensor) -> None:
         self.src = graph.traced
@@ -489,6 +479,7 @@ class _Builder:
         return value if isinstance(value, ChannelTag) else None
 
     def kept_positions(self, tag: ChannelTag) -> torch.Tensor:
+        """Positions of the channels of ``tag`` the compact network keeps (alive and not structurally zero)."""
         raw = tag.nodes
         valid = raw != ZERO
         keep = torch.zeros_like(valid)
@@ -500,16 +491,13 @@ class _Builder:
             return self.copy(node)
         if node.op == "output":
             return self.graph.output(self.map_args(node.args[0], full=True))
-        if node.op == "call_module":
-            handled = self.visit_module(node, self.modules[str(node.target)])
-        elif node.op == "call_function":
-            handled = self.visit_function(node)
-        else:
-            handled = self.visit_method(node)
+        rule = find_op_rule(node, self.modules)
+        handled = rule.compact(self, node) if rule is not None else None
         return handled if handled is not None else self.generic(node)
 
     # -- helpers -----------------------------------------------------------------------------------------
     def copy(self, node: fx.Node, args: Any = None, kwargs: Any = None, target: Any = None) -> fx.Node:
+        """``node`` in the compact graph, with its inputs' compact values unless ``args``/``kwargs`` are given."""
         new = self.graph.create_node(
             node.op,
             node.target if target is None else target,
@@ -522,6 +510,7 @@ class _Builder:
         return new
 
     def map_args(self, args: Any, full: bool = False) -> Any:
+        """``args`` with every traced value replaced by its compact value (``full``: rebuilt at full width)."""
         def convert(n: fx.Node) -> fx.Node:
             if full and self.tag(n) is not None:
                 return self.full(n)
@@ -530,6 +519,7 @@ class _Builder:
         return fx.node.map_arg(args, convert)
 
     def buffer(self, tensor: torch.Tensor) -> fx.Node:
+        """A constant index tensor of the compact model (a non-persistent buffer)."""
         name = f"_compact_index_{self._buffers}"
         self._buffers += 1
         self.root.register_buffer(name, tensor.to(self.device), persistent=False)
@@ -560,8 +550,17 @@ class _Builder:
         return self._cache[key]
 
     def full(self, node: fx.Node) -> fx.Node:
+        """The value of ``node`` at full width: zeros at the removed channels."""
         tag = self.tag(node)
         return self.at(node, torch.arange(tag.size))
+
+    def layer(self, node: fx.Node) -> nn.Module | None:
+        """The module (of the builder's own copy of the model) that ``node`` calls, when it can be sliced in
+        place: called once, on one traced input and nothing else, with an output that has channels."""
+        name = str(node.target)
+        if self.calls[name] != 1 or self.tag(node) is None or len(node.args) != 1 or node.kwargs:
+            return None
+        return self.modules[name] if self.tag(node.args[0]) is not None else None
 
     def tag_inputs(self, node: fx.Node) -> list[fx.Node]:
         return [n for n in node.all_input_nodes if self.tag(n) is not None]
@@ -583,287 +582,3 @@ class _Builder:
             self.kept[node] = kept
             return self.gather(new, torch.arange(out.size), kept, out.dim)
         return new
-
-    # -- modules -----------------------------------------------------------------------------------------
-    def visit_module(self, node: fx.Node, module: nn.Module) -> fx.Node | None:
-        name = str(node.target)
-        out = self.tag(node)
-        x = node.args[0] if node.args else None
-        x_tag = self.tag(x)
-        if self.calls[name] != 1 or out is None or x_tag is None or len(node.args) != 1 or node.kwargs:
-            return None
-        out_kept = self.kept_positions(out)
-        if out_kept.numel() == 0 and isinstance(module, (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm)):
-            return self.removed_layer(node, module, x, out)
-        if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed and x_tag.dim == 1:
-            if module.groups == 1:
-                in_kept = self.kept[x]
-                if in_kept.numel() == 0:
-                    return None
-                self.root.set_submodule(name, _slice_dense(module, in_kept, out_kept))
-                self.kept[node] = out_kept
-                return self.copy(node, (self.env[x],), {})
-            if module.groups == module.in_channels == module.out_channels:
-                self.root.set_submodule(name, _slice_depthwise(module, out_kept))
-                self.kept[node] = out_kept
-                return self.copy(node, (self.at(x, out_kept),), {})
-            return None
-        if isinstance(module, nn.Linear) and x_tag.dim == x_tag.ndim - 1:
-            self.root.set_submodule(name, _slice_dense(module, self.kept[x], out_kept))
-            self.kept[node] = out_kept
-            return self.copy(node, (self.env[x],), {})
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and x_tag.dim == 1:
-            self.root.set_submodule(name, _slice_batchnorm(module, out_kept))
-            self.kept[node] = out_kept
-            return self.copy(node, (self.at(x, out_kept),), {})
-        return None
-
-    def removed_layer(self, node: fx.Node, module: nn.Module, x: fx.Node, out: ChannelTag) -> fx.Node:
-        """Every output channel removed (DenseNet layers can lose all of theirs): a zero-width tensor."""
-        self.kept[node] = torch.zeros(0, dtype=torch.long)
-        name = str(node.target)
-        channelwise = isinstance(module, nn.modules.batchnorm._BatchNorm) or (
-            isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1
-        )
-        if channelwise or self.kept[x].numel() == 0:  # same shape as the input
-            return self.graph.call_method("narrow", (self.env[x], out.dim, 0, 0))
-        # run a one-channel stand-in only for the output's shape (stride, padding, dilation)
-        one = torch.zeros(1, dtype=torch.long)
-        layer = _slice_dense(module, self.kept[x], one)
-        self.root.set_submodule(name, layer)
-        value = self.copy(node, (self.env[x],), {})
-        return self.graph.call_method("narrow", (value, out.dim, 0, 0))
-
-    # -- functions and methods ---------------------------------------------------------------------------
-    def visit_function(self, node: fx.Node) -> fx.Node | None:
-        fn = node.target
-        if fn in _ADD or fn in _SUB:
-            return self.add(node, subtract=fn in _SUB)
-        if fn in _MUL:
-            return self.mul(node)
-        if fn is torch.cat or fn is torch.concat:
-            return self.cat(node)
-        if fn is torch.nn.functional.pad:
-            return self.pad(node)
-        if fn is operator.getitem:
-            return self.getitem(node)
-        if fn is getattr:
-            return self.shape_query(node, full=node.args[1] in ("shape",))
-        return None
-
-    def visit_method(self, node: fx.Node) -> fx.Node | None:
-        method = node.target
-        if method in _ADD_METHODS or method in _SUB_METHODS:
-            return self.add(node, subtract=method in _SUB_METHODS)
-        if method in _MUL_METHODS:
-            return self.mul(node)
-        if method in ("view", "reshape"):
-            return self.reshape(node)
-        if method == "size":
-            return self.size(node)
-        if method == "numel":
-            return self.shape_query(node, full=True)
-        return None
-
-    def binary_tags(self, node: fx.Node) -> tuple[ChannelTag, fx.Node, fx.Node] | None:
-        """The output tag and the two operands of an element-wise op whose channels meet one by one (the
-        graph tied them); else None, and the op runs on full-width inputs."""
-        out = self.tag(node)
-        args = node.args[:2]
-        if out is None or len(args) != 2 or not all(self.tag(a) is not None for a in args):
-            return None
-        if not (self.tag(args[0]).aligned(self.tag(args[1])) and out.dim == self.tag(args[0]).dim):
-            return None
-        return out, args[0], args[1]
-
-    def add(self, node: fx.Node, subtract: bool) -> fx.Node | None:
-        found = self.binary_tags(node)
-        if found is None or len(node.args) != 2 or node.kwargs:
-            return None
-        out, a, b = found
-        kept = self.kept_positions(out)
-        self.kept[node] = kept
-        same_a, same_b = torch.equal(self.kept[a], kept), torch.equal(self.kept[b], kept)
-        shape_a, shape_b = _shape(a), _shape(b)
-        same_shape = shape_a is not None and shape_a == shape_b
-        if same_a and same_b:
-            return self.copy(node, (self.env[a], self.env[b]), {}, target=_OUT_OF_PLACE.get(node.target, node.target))
-        if same_shape and (same_a or (same_b and not subtract)):
-            main, other = (a, b) if same_a else (b, a)
-            index = self.index_of(self.kept[other], kept)
-            kwargs = {"alpha": -1} if subtract else {}
-            return self.graph.call_method("index_add", (self.env[main], out.dim, self.buffer(index), self.env[other]), kwargs)
-        fn = operator.sub if subtract else operator.add
-        return self.graph.call_function(fn, (self.at(a, kept), self.at(b, kept)))
-
-    def index_of(self, positions: torch.Tensor, within: torch.Tensor) -> torch.Tensor:
-        lookup = {p: i for i, p in enumerate(within.tolist())}
-        return torch.tensor([lookup[p] for p in positions.tolist()], dtype=torch.long)
-
-    def mul(self, node: fx.Node) -> fx.Node | None:
-        found = self.binary_tags(node)
-        if found is None or len(node.args) != 2 or node.kwargs:
-            return None
-        out, a, b = found
-        if out.size != self.tag(a).size or out.size != self.tag(b).size:
-            return None
-        kept = self.kept_positions(out)
-        self.kept[node] = kept
-        target = _OUT_OF_PLACE.get(node.target, node.target)
-        return self.copy(node, (self.at(a, kept), self.at(b, kept)), {}, target=target)
-
-    def cat(self, node: fx.Node) -> fx.Node | None:
-        out = self.tag(node)
-        parts = node.args[0]
-        if out is None or not isinstance(parts, (list, tuple)) or not all(self.tag(p) is not None for p in parts):
-            return None
-        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
-        kept = self.kept_positions(out)
-        self.kept[node] = kept
-        if dim % out.ndim == out.dim and sum(self.tag(p).size for p in parts) == out.size:
-            offsets, joined = 0, []
-            for p in parts:
-                joined.append(self.kept[p] + offsets)
-                offsets += self.tag(p).size
-            if torch.equal(torch.cat(joined), kept):
-                return self.copy(node)
-            del self.kept[node]
-            return None
-        return self.copy(node, (type(parts)(self.at(p, kept) for p in parts), *self.map_args(node.args[1:])))
-
-    def pad(self, node: fx.Node) -> fx.Node | None:
-        out, x = self.tag(node), node.args[0]
-        x_tag = self.tag(x)
-        pad = node.kwargs.get("pad", node.args[1] if len(node.args) > 1 else None)
-        if out is None or x_tag is None or not isinstance(pad, (list, tuple)) or out is x_tag:
-            return None
-        pairs = [list(pad[i : i + 2]) for i in range(0, len(pad), 2)]
-        channel = x_tag.ndim - 1 - x_tag.dim
-        if channel >= len(pairs) or not all(isinstance(p, int) for p in pairs[channel]):
-            return None
-        left = pairs[channel][0]
-        pairs[channel] = [0, 0]
-        flat = [p for pair in pairs for p in pair]
-        value = self.env[x]
-        if any(flat):
-            args = list(self.map_args(node.args))
-            kwargs = dict(self.map_args(node.kwargs))
-            if "pad" in kwargs:
-                kwargs["pad"] = type(pad)(flat)
-            else:
-                args[1] = type(pad)(flat)
-            value = self.copy(node, tuple(args), kwargs)
-        kept = self.kept_positions(out)
-        self.kept[node] = kept
-        return self.gather(value, self.kept[x], kept - left, x_tag.dim)
-
-    def getitem(self, node: fx.Node) -> fx.Node | None:
-        x, index = node.args
-        out, x_tag = self.tag(node), self.tag(x)
-        if out is None or x_tag is None or out is x_tag:
-            return None
-        idx = index if isinstance(index, tuple) else (index,)
-        if Ellipsis in idx:
-            at = idx.index(Ellipsis)
-            idx = idx[:at] + (slice(None),) * (x_tag.ndim - len(idx) + 1) + idx[at + 1 :]
-        if len(idx) <= x_tag.dim or not isinstance(idx[x_tag.dim], slice):
-            return None
-        positions = torch.arange(x_tag.size)[idx[x_tag.dim]]
-        rest = idx[: x_tag.dim] + (slice(None),) + idx[x_tag.dim + 1 :]
-        value = self.env[x]
-        if any(s != slice(None) for s in rest):
-            value = self.copy(node, (value, rest), {})
-        kept = self.kept_positions(out)
-        self.kept[node] = kept
-        return self.gather(value, self.kept[x], positions[kept], x_tag.dim)
-
-    def reshape(self, node: fx.Node) -> fx.Node | None:
-        x = node.args[0]
-        out, x_tag = self.tag(node), self.tag(x)
-        in_shape, out_shape = _shape(x), _shape(node)
-        if out is None or x_tag is None or in_shape is None or out_shape is None or out is x_tag:
-            return None
-        if x_tag.dim != 1 or len(out_shape) < 2:
-            return None
-        if tuple(out_shape[:2]) == tuple(in_shape[:2]):
-            width = self.kept[x].numel()
-        elif len(out_shape) == 2 and out_shape[1] == math.prod(in_shape[1:]):
-            width = self.kept[x].numel() * math.prod(in_shape[2:])
-        else:
-            return None
-        sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
-        sizes = list(self.map_args(tuple(sizes)))
-        if len(sizes) < 2:
-            return None
-        if not (isinstance(sizes[1], int) and sizes[1] == -1):
-            if any(isinstance(s, int) and s == -1 for i, s in enumerate(sizes) if i != 1):
-                return None
-            sizes[1] = width
-        self.kept[node] = self.kept_positions(out)
-        return self.copy(node, (self.env[x], *sizes), {})
-
-    def size(self, node: fx.Node) -> fx.Node | None:
-        x = node.args[0]
-        tag = self.tag(x)
-        if tag is None:
-            return None
-        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
-        if isinstance(dim, int) and dim % tag.ndim != tag.dim:
-            return self.copy(node)
-        return self.shape_query(node, full=True)
-
-    def shape_query(self, node: fx.Node, full: bool) -> fx.Node | None:
-        """Shapes, as the original code expects them: of the full-width tensor."""
-        if not self.tag_inputs(node):
-            return None
-        if not full:
-            return self.copy(node)
-        return self.copy(node, self.map_args(node.args, full=True), self.map_args(node.kwargs, full=True))
-
-
-def _shape(node: Any) -> tuple[int, ...] | None:
-    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
-    shape = getattr(meta, "shape", None)
-    return tuple(shape) if shape is not None else None
-
-
-def _param(tensor: torch.Tensor, like: nn.Parameter) -> nn.Parameter:
-    return nn.Parameter(tensor.detach().clone().contiguous(), requires_grad=like.requires_grad)
-
-
-# The layers below belong to the builder's own deep copy of the model: they are sliced in place.
-
-
-def _slice_dense(layer: nn.Module, inputs: torch.Tensor, outputs: torch.Tensor) -> nn.Module:
-    """Keep rows ``outputs`` and columns ``inputs`` of a Conv (groups == 1) or Linear weight, and its bias."""
-    dev = layer.weight.device
-    layer.weight = _param(layer.weight[outputs.to(dev)][:, inputs.to(dev)], layer.weight)
-    if layer.bias is not None:
-        layer.bias = _param(layer.bias[outputs.to(dev)], layer.bias)
-    if isinstance(layer, nn.Linear):
-        layer.in_features, layer.out_features = inputs.numel(), outputs.numel()
-    else:
-        layer.in_channels, layer.out_channels = inputs.numel(), outputs.numel()
-    return layer
-
-
-def _slice_depthwise(conv: nn.modules.conv._ConvNd, channels: torch.Tensor) -> nn.Module:
-    idx = channels.to(conv.weight.device)
-    conv.weight = _param(conv.weight[idx], conv.weight)
-    if conv.bias is not None:
-        conv.bias = _param(conv.bias[idx], conv.bias)
-    conv.in_channels = conv.out_channels = conv.groups = channels.numel()
-    return conv
-
-
-def _slice_batchnorm(bn: nn.modules.batchnorm._BatchNorm, channels: torch.Tensor) -> nn.Module:
-    for attr in ("weight", "bias"):
-        value = getattr(bn, attr)
-        if isinstance(value, nn.Parameter):
-            setattr(bn, attr, _param(value[channels.to(value.device)], value))
-    for attr in ("running_mean", "running_var"):
-        value = getattr(bn, attr)
-        if isinstance(value, torch.Tensor):
-            setattr(bn, attr, value[channels.to(value.device)].clone())
-    bn.num_features = channels.numel()
-    return bn

@@ -10,17 +10,22 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from lightning_prune.errors import UnsupportedModelError
+from lightning_prune.ops.registry import traced_as_one_op
 
 
 class _Tracer(fx.Tracer):
-    """torch.fx tracer that also keeps user-named modules as leaves."""
+    """torch.fx tracer that also keeps as leaves user-named modules and modules with a user op rule."""
 
     def __init__(self, leaf_modules: Iterable[str] = ()) -> None:
         super().__init__()
         self._leaf_names = set(leaf_modules)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return module_qualified_name in self._leaf_names or super().is_leaf_module(m, module_qualified_name)
+        return (
+            module_qualified_name in self._leaf_names
+            or traced_as_one_op(m)
+            or super().is_leaf_module(m, module_qualified_name)
+        )
 
 
 def trace(

@@ -1,0 +1,182 @@
+"""Layers with parameters per channel: Conv and Linear create channels, BatchNorm and depthwise Conv pass
+them through. In the compact network their weights are sliced to the kept channels."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from lightning_prune.dependency.channels import ZERO, ChannelTag
+from lightning_prune.ops.registry import OpRule, register_op_rule
+
+
+@register_op_rule(nn.modules.conv._ConvNd)
+class Conv(OpRule):
+    """``groups == 1``: fresh output channels; depthwise: the input's channels; other groups block both sides."""
+
+    def propagate(self, walker, node):
+        conv = walker.modules[node.target]
+        if conv.transposed:
+            return walker.opaque(node)
+        name, x = str(node.target), _input(walker, node)
+        use = walker.use(name)
+        if not isinstance(x, ChannelTag) or x.dim != 1:
+            return walker.opaque(node, f"{type(conv).__name__} on an untracked input")
+        use.in_nodes = x.nodes
+        if conv.groups == 1:
+            out = _create(walker, use, name, conv.out_channels)
+        elif conv.groups == conv.in_channels == conv.out_channels:
+            out = _nonzero_constant(walker, x.nodes, f"depthwise {name} sees a zero-padded channel")
+        else:
+            reason = f"grouped convolution {name} (groups={conv.groups})"
+            walker.nodes.block(x.nodes, reason)
+            out = walker.nodes.fresh(conv.out_channels, reason)
+        use.out_nodes = out
+        return ChannelTag(out, 1, x.ndim)
+
+    def compact(self, builder, node):
+        conv = builder.layer(node)
+        if conv is None:
+            return None
+        x, out_kept = node.args[0], builder.kept_positions(builder.tag(node))
+        if out_kept.numel() == 0:
+            return _removed(builder, node, conv, channelwise=conv.groups > 1)
+        if conv.transposed or builder.tag(x).dim != 1:
+            return None
+        if conv.groups == 1:
+            if builder.kept[x].numel() == 0:
+                return None
+            _slice_dense(conv, builder.kept[x], out_kept)
+            return builder.copy(node, (builder.env[x],), {})
+        if conv.groups == conv.in_channels == conv.out_channels:
+            _slice_depthwise(conv, out_kept)
+            return builder.copy(node, (builder.at(x, out_kept),), {})
+        return None
+
+
+@register_op_rule(nn.Linear)
+class Linear(OpRule):
+    """Fresh output features, from the features of the input's last dimension."""
+
+    def propagate(self, walker, node):
+        name, x = str(node.target), _input(walker, node)
+        use = walker.use(name)
+        if not isinstance(x, ChannelTag) or x.dim != x.ndim - 1:
+            return walker.opaque(node, f"Linear {name} on an untracked or non-feature dimension")
+        use.in_nodes = x.nodes
+        out = _create(walker, use, name, walker.modules[name].out_features)
+        use.out_nodes = out
+        return ChannelTag(out, x.ndim - 1, x.ndim)
+
+    def compact(self, builder, node):
+        linear = builder.layer(node)
+        if linear is None:
+            return None
+        x, out_kept = node.args[0], builder.kept_positions(builder.tag(node))
+        if out_kept.numel() == 0:
+            return _removed(builder, node, linear, channelwise=False)
+        x_tag = builder.tag(x)
+        if x_tag.dim != x_tag.ndim - 1:
+            return None
+        _slice_dense(linear, builder.kept[x], out_kept)
+        return builder.copy(node, (builder.env[x],), {})
+
+
+@register_op_rule(nn.modules.batchnorm._BatchNorm)
+class BatchNorm(OpRule):
+    """Channel-wise: the input's channels, each with its own statistics and affine parameters."""
+
+    def propagate(self, walker, node):
+        name, x = str(node.target), _input(walker, node)
+        use = walker.use(name)
+        if not isinstance(x, ChannelTag) or x.dim != 1:
+            return walker.opaque(node, f"BatchNorm {name} on an untracked input")
+        out = _nonzero_constant(walker, x.nodes, f"BatchNorm {name} sees a zero-padded channel")
+        use.in_nodes = use.out_nodes = out
+        return ChannelTag(out, 1, x.ndim)
+
+    def compact(self, builder, node):
+        bn = builder.layer(node)
+        if bn is None:
+            return None
+        x, out_kept = node.args[0], builder.kept_positions(builder.tag(node))
+        if out_kept.numel() == 0:
+            return _removed(builder, node, bn, channelwise=True)
+        if builder.tag(x).dim != 1:
+            return None
+        _slice_batchnorm(bn, out_kept)
+        return builder.copy(node, (builder.at(x, out_kept),), {})
+
+
+def _input(walker, node: fx.Node) -> Any:
+    return walker.value(node.args[0]) if node.args else None
+
+
+def _create(walker, use, name: str, n: int) -> torch.Tensor:
+    """``n`` fresh output channels of layer ``name``, recorded as created by it."""
+    out = walker.nodes.fresh(n)
+    use.creates = True
+    for ch, node in enumerate(out.tolist()):
+        walker.result.creator[node] = (name, ch)
+    return out
+
+
+def _nonzero_constant(walker, nodes: torch.Tensor, reason: str) -> torch.Tensor:
+    """A layer with a bias turns structurally-zero channels into constants: give them blocked nodes."""
+    zero = nodes == ZERO
+    if not zero.any():
+        return nodes
+    nodes = nodes.clone()
+    nodes[zero] = walker.nodes.fresh(int(zero.sum()), reason)
+    return nodes
+
+
+def _removed(builder, node: fx.Node, layer: nn.Module, channelwise: bool) -> fx.Node:
+    """Every output channel removed (DenseNet layers can lose all of theirs): a zero-width tensor."""
+    x, dim = node.args[0], builder.tag(node).dim
+    if channelwise or builder.kept[x].numel() == 0:  # same shape as the input
+        return builder.graph.call_method("narrow", (builder.env[x], dim, 0, 0))
+    # run a one-channel stand-in only for the output's shape (stride, padding, dilation)
+    _slice_dense(layer, builder.kept[x], torch.zeros(1, dtype=torch.long))
+    return builder.graph.call_method("narrow", (builder.copy(node, (builder.env[x],), {}), dim, 0, 0))
+
+
+# The layers below belong to the builder's own deep copy of the model: they are sliced in place.
+
+
+def _param(tensor: torch.Tensor, like: nn.Parameter) -> nn.Parameter:
+    return nn.Parameter(tensor.detach().clone().contiguous(), requires_grad=like.requires_grad)
+
+
+def _slice_dense(layer: nn.Module, inputs: torch.Tensor, outputs: torch.Tensor) -> None:
+    """Keep rows ``outputs`` and columns ``inputs`` of a Conv (groups == 1) or Linear weight, and its bias."""
+    dev = layer.weight.device
+    layer.weight = _param(layer.weight[outputs.to(dev)][:, inputs.to(dev)], layer.weight)
+    if layer.bias is not None:
+        layer.bias = _param(layer.bias[outputs.to(dev)], layer.bias)
+    if isinstance(layer, nn.Linear):
+        layer.in_features, layer.out_features = inputs.numel(), outputs.numel()
+    else:
+        layer.in_channels, layer.out_channels = inputs.numel(), outputs.numel()
+
+
+def _slice_depthwise(conv: nn.modules.conv._ConvNd, channels: torch.Tensor) -> None:
+    idx = channels.to(conv.weight.device)
+    conv.weight = _param(conv.weight[idx], conv.weight)
+    if conv.bias is not None:
+        conv.bias = _param(conv.bias[idx], conv.bias)
+    conv.in_channels = conv.out_channels = conv.groups = channels.numel()
+
+
+def _slice_batchnorm(bn: nn.modules.batchnorm._BatchNorm, channels: torch.Tensor) -> None:
+    for attr in ("weight", "bias"):
+        value = getattr(bn, attr)
+        if isinstance(value, nn.Parameter):
+            setattr(bn, attr, _param(value[channels.to(value.device)], value))
+    for attr in ("running_mean", "running_var"):
+        value = getattr(bn, attr)
+        if isinstance(value, torch.Tensor):
+            setattr(bn, attr, value[channels.to(value.device)].clone())
+    bn.num_features = channels.numel()

@@ -1,0 +1,96 @@
+"""The op-rule registry: one :class:`OpRule` per op, found by module type, function or method name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from torch import fx, nn
+
+if TYPE_CHECKING:
+    from lightning_prune.compaction.compact import CompactBuilder
+    from lightning_prune.dependency.propagation import ChannelWalker
+
+_MODULES: dict[type[nn.Module], OpRule] = {}
+_FUNCTIONS: dict[Callable[..., Any], OpRule] = {}
+_METHODS: dict[str, OpRule] = {}
+
+
+class OpRule:
+    """How one op moves channels, and how it is rewritten in the compact network.
+
+    ``propagate`` returns the :class:`~lightning_prune.dependency.channels.ChannelTag` of the op's output
+    (None for a value without channels) and ties the channel nodes the op joins; ``walker.opaque(node)``
+    is the safe answer for a case the rule does not handle. ``compact`` returns the op's node in the
+    compact graph, holding the output's kept channels (``builder.kept_positions``), or None: the op then
+    runs on full-width inputs (zeros at the removed channels), which is always exact.
+    """
+
+    def propagate(self, walker: ChannelWalker, node: fx.Node) -> Any:
+        raise NotImplementedError
+
+    def compact(self, builder: CompactBuilder, node: fx.Node) -> fx.Node | None:
+        return None
+
+
+def register_op_rule(*targets: type[nn.Module] | Callable[..., Any] | str, override: bool = False):
+    """Class decorator registering an :class:`OpRule` subclass for ``targets``: module classes (the rule
+    of the closest base class of a module applies, so a rule for your subclass of a built-in layer takes
+    precedence), functions (``torch.sigmoid``) or tensor method names (``"view"``). A target that already
+    has a rule raises ``ValueError`` unless ``override=True``, which replaces it."""
+
+    def add(cls: type[OpRule]) -> type[OpRule]:
+        tables = [_table(target) for target in targets]
+        for target, table in zip(targets, tables):
+            old = table.get(target)
+            if old is not None and type(old) is not cls and not override:
+                raise ValueError(
+                    f"{_name(target)} already has the op rule {type(old).__name__}; pass override=True "
+                    f"to replace it by {cls.__name__}"
+                )
+        rule = cls()
+        for target, table in zip(targets, tables):
+            table[target] = rule
+        return cls
+
+    return add
+
+
+def find_op_rule(node: fx.Node, modules: Mapping[str, nn.Module]) -> OpRule | None:
+    """The rule of the op ``node`` calls (``modules``: the traced module's submodules), or None."""
+    if node.op == "call_module":
+        return next((_MODULES[c] for c in type(modules[str(node.target)]).__mro__ if c in _MODULES), None)
+    if node.op == "call_function":
+        return _FUNCTIONS.get(node.target)
+    if node.op == "call_method":
+        return _METHODS.get(node.target)
+    return None
+
+
+def traced_as_one_op(module: nn.Module) -> bool:
+    """Whether tracing keeps ``module`` as one op: a rule is registered for its class, or a base class of
+    it, defined outside ``torch.nn`` (whose modules torch.fx keeps as leaves anyway)."""
+    return any(c in _MODULES and not c.__module__.startswith("torch.nn") for c in type(module).__mro__)
+
+
+def tensor_shape(node: Any) -> tuple[int, ...] | None:
+    """The shape of a traced tensor value (from the example forward), or None."""
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    shape = getattr(meta, "shape", None)
+    return tuple(shape) if shape is not None else None
+
+
+def _table(target: Any) -> dict[Any, OpRule]:
+    if isinstance(target, str):
+        return _METHODS
+    if isinstance(target, type) and issubclass(target, nn.Module):
+        return _MODULES
+    if callable(target):
+        return _FUNCTIONS
+    raise TypeError(f"an op rule is registered for module classes, functions or method names, not {target!r}")
+
+
+def _name(target: Any) -> str:
+    if isinstance(target, str):
+        return f"method .{target}()"
+    return getattr(target, "__name__", repr(target))

@@ -1,0 +1,228 @@
+"""Ops that move channels around: flatten, reshape, reductions, concatenation, zero padding, slicing."""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from lightning_prune.dependency.channels import ZERO, ChannelTag
+from lightning_prune.ops.registry import OpRule, register_op_rule, tensor_shape
+
+
+@register_op_rule(nn.Flatten, torch.flatten, "flatten")
+class Flatten(OpRule):
+    """Flattening the channels with the dimensions after them repeats each channel's node over its positions."""
+
+    def propagate(self, walker, node):
+        x = walker.value(node.args[0]) if node.args else None
+        if node.op == "call_module":
+            module = walker.modules[node.target]
+            start, end = module.start_dim, module.end_dim
+        else:
+            start = node.kwargs.get("start_dim", node.args[1] if len(node.args) > 1 else 0)
+            end = node.kwargs.get("end_dim", node.args[2] if len(node.args) > 2 else -1)
+        if not isinstance(x, ChannelTag):
+            return walker.opaque(node, "flatten")
+        start, end = int(start) % x.ndim, int(end) % x.ndim
+        if x.dim < start:
+            return ChannelTag(x.nodes, x.dim, x.ndim - (end - start))
+        if x.dim == start == 1:
+            in_shape = tensor_shape(node.args[0])
+            inner = math.prod(in_shape[2 : end + 1]) if in_shape is not None else 1
+            return ChannelTag(x.nodes.repeat_interleave(inner), 1, x.ndim - (end - start))
+        return walker.opaque(node, "flatten across the channel dimension")
+
+
+@register_op_rule("view", "reshape")
+class Reshape(OpRule):
+    """A reshape that keeps the batch and channel dimensions, or flattens everything after the batch one;
+    in the compact network its channel count is rewritten."""
+
+    def propagate(self, walker, node):
+        x = walker.value(node.args[0])
+        in_shape, out_shape = tensor_shape(node.args[0]), tensor_shape(node)
+        if not isinstance(x, ChannelTag) or in_shape is None or out_shape is None or x.dim != 1:
+            return walker.opaque(node, f".{node.target}()")
+        if len(out_shape) >= 2 and out_shape[:2] == in_shape[:2]:
+            return ChannelTag(x.nodes, 1, len(out_shape))
+        if len(out_shape) == 2 and out_shape[0] == in_shape[0] and out_shape[1] == math.prod(in_shape[1:]):
+            return ChannelTag(x.nodes.repeat_interleave(math.prod(in_shape[2:])), 1, 2)
+        return walker.opaque(node, f".{node.target}() across the channel dimension")
+
+    def compact(self, builder, node):
+        x = node.args[0]
+        out, x_tag = builder.tag(node), builder.tag(x)
+        in_shape, out_shape = tensor_shape(x), tensor_shape(node)
+        if out is None or x_tag is None or in_shape is None or out_shape is None or out is x_tag:
+            return None
+        if x_tag.dim != 1 or len(out_shape) < 2:
+            return None
+        if out_shape[:2] == in_shape[:2]:
+            width = builder.kept[x].numel()
+        elif len(out_shape) == 2 and out_shape[1] == math.prod(in_shape[1:]):
+            width = builder.kept[x].numel() * math.prod(in_shape[2:])
+        else:
+            return None
+        sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+        sizes = list(builder.map_args(tuple(sizes)))
+        if len(sizes) < 2:
+            return None
+        if not (isinstance(sizes[1], int) and sizes[1] == -1):
+            if any(isinstance(s, int) and s == -1 for i, s in enumerate(sizes) if i != 1):
+                return None
+            sizes[1] = width
+        return builder.copy(node, (builder.env[x], *sizes), {})
+
+
+@register_op_rule(torch.mean, torch.sum, torch.amax, "mean", "sum", "amax")
+class Reduce(OpRule):
+    """A reduction over positions keeps the channels; over the channels or the batch it blocks them."""
+
+    def propagate(self, walker, node):
+        x = walker.value(node.args[0])
+        dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+        keepdim = bool(node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False))
+        if not isinstance(x, ChannelTag) or dims is None:
+            return walker.opaque(node, f"reduction {node.target}")
+        dims = [d % x.ndim for d in ((dims,) if isinstance(dims, int) else dims)]
+        if x.dim in dims or 0 in dims:
+            return walker.opaque(node, f"reduction {node.target} over the channel or batch dimension")
+        return ChannelTag(x.nodes, x.dim, x.ndim if keepdim else x.ndim - len(dims))
+
+
+@register_op_rule(torch.cat, torch.concat)
+class Cat(OpRule):
+    """Along the channels: the parts' channels one after the other (DenseNet); along another dimension: the
+    parts' channels are tied one by one."""
+
+    def propagate(self, walker, node):
+        parts = node.args[0]
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+        values = [walker.value(p) for p in parts]
+        if not values or not all(isinstance(v, ChannelTag) for v in values):
+            return walker.opaque(node, "concatenation with an untracked tensor")
+        ndim = values[0].ndim
+        if dim % ndim == values[0].dim and all(v.dim == values[0].dim for v in values):
+            return ChannelTag(torch.cat([v.nodes for v in values]), values[0].dim, ndim)
+        for other in values[1:]:
+            if other.size != values[0].size:
+                return walker.opaque(node, "concatenation of mismatched channels")
+            walker.nodes.union(values[0].nodes, other.nodes)
+        return values[0]
+
+    def compact(self, builder, node):
+        out = builder.tag(node)
+        parts = node.args[0]
+        if out is None or not isinstance(parts, (list, tuple)) or not all(builder.tag(p) is not None for p in parts):
+            return None
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+        kept = builder.kept_positions(out)
+        if dim % out.ndim == out.dim and sum(builder.tag(p).size for p in parts) == out.size:
+            offsets, joined = 0, []
+            for p in parts:
+                joined.append(builder.kept[p] + offsets)
+                offsets += builder.tag(p).size
+            return builder.copy(node) if torch.equal(torch.cat(joined), kept) else None
+        return builder.copy(node, (type(parts)(builder.at(p, kept) for p in parts), *builder.map_args(node.args[1:])))
+
+
+@register_op_rule(F.pad)
+class Pad(OpRule):
+    """Zero padding of the channels adds structurally-zero channels (option-A shortcuts); in the compact
+    network it becomes a gather of the kept channels."""
+
+    def propagate(self, walker, node):
+        x = walker.value(node.args[0])
+        pad = node.kwargs.get("pad", node.args[1] if len(node.args) > 1 else None)
+        mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
+        value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else None)
+        if not isinstance(x, ChannelTag) or not isinstance(pad, (tuple, list)):
+            return walker.opaque(node, "pad")
+        if mode == "constant" and value not in (None, 0, 0.0):
+            return walker.opaque(node, "pad with a non-zero value")
+        pairs = [(pad[i], pad[i + 1]) for i in range(0, len(pad), 2)]
+        channel_pair = x.ndim - 1 - x.dim
+        if channel_pair >= len(pairs):
+            return x
+        if mode != "constant" or any(not isinstance(p, int) for p in pairs[channel_pair]):
+            return walker.opaque(node, "non-constant pad of the channel dimension")
+        left, right = pairs[channel_pair]
+        kept = x.nodes[max(-left, 0) : x.size - max(-right, 0)]
+        before = torch.full((max(left, 0),), ZERO, dtype=torch.long)
+        after = torch.full((max(right, 0),), ZERO, dtype=torch.long)
+        return ChannelTag(torch.cat([before, kept, after]), x.dim, x.ndim)
+
+    def compact(self, builder, node):
+        out, x = builder.tag(node), node.args[0]
+        x_tag = builder.tag(x)
+        pad = node.kwargs.get("pad", node.args[1] if len(node.args) > 1 else None)
+        if out is None or x_tag is None or not isinstance(pad, (list, tuple)) or out is x_tag:
+            return None
+        pairs = [list(pad[i : i + 2]) for i in range(0, len(pad), 2)]
+        channel = x_tag.ndim - 1 - x_tag.dim
+        if channel >= len(pairs) or not all(isinstance(p, int) for p in pairs[channel]):
+            return None
+        left = pairs[channel][0]
+        pairs[channel] = [0, 0]
+        flat = [p for pair in pairs for p in pair]
+        value = builder.env[x]
+        if any(flat):
+            args = list(builder.map_args(node.args))
+            kwargs = dict(builder.map_args(node.kwargs))
+            if "pad" in kwargs:
+                kwargs["pad"] = type(pad)(flat)
+            else:
+                args[1] = type(pad)(flat)
+            value = builder.copy(node, tuple(args), kwargs)
+        return builder.gather(value, builder.kept[x], builder.kept_positions(out) - left, x_tag.dim)
+
+
+@register_op_rule(operator.getitem)
+class GetItem(OpRule):
+    """An item of a tuple, or basic slicing: a slice of the channels keeps those channels."""
+
+    def propagate(self, walker, node):
+        container, index = walker.value(node.args[0]), node.args[1]
+        if isinstance(container, (tuple, list)) and isinstance(index, int):
+            return container[index]
+        if not isinstance(container, ChannelTag):
+            return None if container is None and tensor_shape(node) is None else walker.opaque(node, "indexing")
+        x = container
+        idx = index if isinstance(index, tuple) else (index,)
+        if any(isinstance(i, fx.Node) or not isinstance(i, (slice, type(Ellipsis), type(None))) for i in idx):
+            return walker.opaque(node, "advanced indexing")
+        if any(i is None for i in idx):
+            return walker.opaque(node, "indexing that adds dimensions")
+        idx = _expand_ellipsis(idx, x.ndim)
+        if len(idx) <= x.dim:
+            return x
+        if any(isinstance(v, fx.Node) for s in idx for v in (s.start, s.stop, s.step)):
+            return walker.opaque(node, "slicing with traced bounds")
+        return ChannelTag(x.nodes[idx[x.dim]], x.dim, x.ndim)
+
+    def compact(self, builder, node):
+        """A gather of the kept channels, after the slicing of the other dimensions."""
+        x, index = node.args
+        out, x_tag = builder.tag(node), builder.tag(x)
+        if out is None or x_tag is None or out is x_tag:
+            return None
+        idx = _expand_ellipsis(index if isinstance(index, tuple) else (index,), x_tag.ndim)
+        if len(idx) <= x_tag.dim or not isinstance(idx[x_tag.dim], slice):
+            return None
+        positions = torch.arange(x_tag.size)[idx[x_tag.dim]]
+        rest = idx[: x_tag.dim] + (slice(None),) + idx[x_tag.dim + 1 :]
+        value = builder.env[x]
+        if any(s != slice(None) for s in rest):
+            value = builder.copy(node, (value, rest), {})
+        return builder.gather(value, builder.kept[x], positions[builder.kept_positions(out)], x_tag.dim)
+
+
+def _expand_ellipsis(idx: tuple, ndim: int) -> tuple:
+    if Ellipsis not in idx:
+        return idx
+    at = idx.index(Ellipsis)
+    return idx[:at] + (slice(None),) * (ndim - len(idx) + 1) + idx[at + 1 :]
