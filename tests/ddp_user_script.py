@@ -3,7 +3,7 @@
 ``strategy="ddp"`` with a timeout (before the fix the two ranks ran a different number of collectives
 and hung). Each rank writes ``OUT/user_rank<r>.pt``: masks, pruned count, a hash of the parameters.
 
-    python tests/ddp_user_script.py OUT [--module-name net]
+    python tests/ddp_user_script.py OUT [--module-name net] [--shuffle]
 """
 
 from __future__ import annotations
@@ -53,9 +53,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
     parser.add_argument("--module-name", default=None)
+    parser.add_argument("--shuffle", action="store_true")  # Lightning's default DistributedSampler then shuffles
     args = parser.parse_args()
     torch.manual_seed(0)
-    dl = DataLoader(TensorDataset(torch.randn(512, 3, 16, 16), torch.randint(0, 10, (512,))), batch_size=32)
+    data = TensorDataset(torch.randn(512, 3, 16, 16), torch.randint(0, 10, (512,)))
+    dl = DataLoader(data, batch_size=32, shuffle=args.shuffle)
     cb = TaylorPruningCallback(
         criterion="taylor_fo_bn", prune_every_n_batches=2, neurons_per_step=3, keep_ratio=0.6,
         module_name=args.module_name,

@@ -225,13 +225,15 @@ def test_history_goes_to_the_trainers_log_dir(ddp_dir):
     assert [r["step"] for r in history] == [s["global_step"] for s in ranks[0]["steps"]]
 
 
-@pytest.mark.parametrize("module_name", [None, "net"])
-def test_users_small_network_without_forward(module_name, tmp_path):
+@pytest.mark.parametrize("module_name, shuffle", [(None, False), ("net", False), (None, True)])
+def test_users_small_network_without_forward(module_name, shuffle, tmp_path):
     """Issue 11's script: a plain network in ``self.net``, no forward, no example input, the default
-    logger. Under 2-process DDP it used to hang (and without ``module_name`` to trace the wrapped
-    LightningModule); now it ends, both ranks hold the same masks and weights, the target is reached."""
+    logger, no synchronised BatchNorm, and (last case) Lightning's default shuffling sampler. Under 2-process
+    DDP it used to hang (and without ``module_name`` to trace the wrapped LightningModule); now it ends,
+    both ranks hold the same masks and weights, the target is reached, rank zero wrote the history."""
     script = Path(__file__).with_name("ddp_user_script.py")
     cmd = [sys.executable, str(script), str(tmp_path)] + (["--module-name", module_name] if module_name else [])
+    cmd += ["--shuffle"] if shuffle else []
     _launch(tmp_path, cmd, timeout=240)
     ranks = [torch.load(tmp_path / f"user_rank{r}.pt", weights_only=False) for r in range(2)]
     assert ranks[0]["num_pruned"] == ranks[1]["num_pruned"] == 19  # 48 neurons, keep_ratio 0.6
