@@ -386,9 +386,9 @@ class TaylorPruningCallback(Callback):
         not poison every later value); a non-finite average restarts from the next finite loss. No sync."""
         if self._loss is None:
             return loss
-        blended = self.loss_smoothing * self._loss.to(loss.device) + (1 - self.loss_smoothing) * loss
-        blended = torch.where(self._loss.to(loss.device).isfinite(), blended, loss)
-        return torch.where(loss.isfinite(), blended, self._loss.to(loss.device))
+        past = self._loss.to(loss.device)
+        blended = torch.where(past.isfinite(), self.loss_smoothing * past + (1 - self.loss_smoothing) * loss, loss)
+        return torch.where(loss.isfinite(), blended, past)
 
     # -- pruning ---------------------------------------------------------------------------------------------
     def _prune_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
