@@ -25,11 +25,11 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins import MixedPrecision
 from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDataset
 
-from lightning_prune import TaylorPruningCallback
+from lightning_prune import TaylorPruningCallback, compact
 from lightning_prune.distributed import CollectiveCounter, CPUSyncBatchNorm, CPUSyncBatchNormPlugin, all_reduce_tensors
 from lightning_prune.models import CifarResNet
 
@@ -227,6 +227,7 @@ class Recorder(Callback):
 
 def _trainer(cfg: Config, out: Path, callbacks, devices: int, num_nodes: int, strategy: str, epochs: int):
     plugins: list[Any] = []
+    checkpoint = strategy == "ddp_spawn"  # the docs' way back to the masks in the launching process
     precision: str | None = cfg.precision
     if devices * num_nodes > 1:
         plugins.append(CPUSyncBatchNormPlugin())  # sync_batchnorm=True, on the CPU
@@ -242,9 +243,9 @@ def _trainer(cfg: Config, out: Path, callbacks, devices: int, num_nodes: int, st
         plugins=plugins or None,
         max_epochs=epochs,
         accumulate_grad_batches=cfg.accumulate,
-        callbacks=callbacks,
+        callbacks=callbacks + ([ModelCheckpoint(dirpath=str(out / "checkpoints"))] if checkpoint else []),
         logger=False,
-        enable_checkpointing=False,
+        enable_checkpointing=checkpoint,
         enable_progress_bar=False,
         enable_model_summary=False,
         limit_val_batches=0,
@@ -270,15 +271,42 @@ def run(name: str, out: Path, devices: int = 1, num_nodes: int = 1, strategy: st
         )
         root = out / f"root_{tag}"
         trainer = _trainer(cfg, root, [pruner, Recorder(pruner, out / tag)], devices, num_nodes, strategy, epochs)
-        trainer.fit(MODULES[cfg.pattern](dtype), ckpt_path=ckpt)
+        module = MODULES[cfg.pattern](dtype)
+        trainer.fit(module, ckpt_path=ckpt)
         if ckpt is None and cfg.resume_after:
             trainer.save_checkpoint(out / f"{tag}.ckpt")
+        if strategy == "ddp_spawn":
+            _masks_in_the_launcher(pruner, module, root / "checkpoints", out / f"{tag}_launcher.pt")
 
     if cfg.resume_after:  # <name>_first: the run up to the checkpoint; <name>: the resumed run
         make(cfg.resume_after, f"{name}_first")
         make(cfg.epochs, name, str(out / f"{name}_first.ckpt"))
     else:
         make(cfg.epochs, name)
+
+
+def _masks_in_the_launcher(pruner: TaylorPruningCallback, module: pl.LightningModule, ckpt_dir: Path, path: Path):
+    """What docs/distributed.md tells ``ddp_spawn`` users: the callback here saw nothing of the fit; load
+    its state from the checkpoint, then compact the weights Lightning handed back with its masks."""
+    before = dict(pruner.masks)
+    (ckpt_path,) = ckpt_dir.glob("*.ckpt")
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    pruner.load_state_dict(ckpt["callbacks"][pruner.state_key])
+    compact_net = compact(module, pruner.masks)  # the network, or the LightningModule where it was traced
+    x = torch.randn(4, 3, SIZE, SIZE, dtype=module.dtype_, generator=torch.Generator().manual_seed(1))
+    module.eval()
+    compact_net.eval()
+    with torch.no_grad():
+        masked, small = module.net(x), compact_net(x)
+    torch.save(
+        {
+            "masks_before_loading": before,
+            "masks": {k: v.clone() for k, v in pruner.masks.items()},
+            "relative_difference": float((masked - small).norm() / masked.norm()),
+            "parameters": (sum(p.numel() for p in module.net.parameters()), sum(p.numel() for p in compact_net.parameters())),
+        },
+        path,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

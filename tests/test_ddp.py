@@ -325,6 +325,15 @@ def test_ddp_spawn(tmp_path, reference_dir):
     assert ranks[0]["info"]["strategy"] == "DDPStrategy" and ranks[0]["info"]["world_size"] == 2
     _assert_ranks_agree(ranks)
     _assert_matches(ranks[1]["steps"], _reference(reference_dir, "fo")["steps"])
+    # docs/distributed.md: in the launching process, the masks come from the checkpoint's callback state
+    launcher = torch.load(tmp_path / "fo_launcher.pt", weights_only=False)
+    assert launcher["masks_before_loading"] == {}  # the launcher's callback saw nothing of the fit
+    final = ranks[0]["final"]["masks"]
+    assert launcher["masks"].keys() == final.keys()
+    assert all(torch.equal(launcher["masks"][k], final[k]) for k in final)
+    assert sum(int((~m).sum()) for m in final.values()) >= 8  # 8 neurons (some tied across layers)
+    assert launcher["relative_difference"] < 1e-12  # float64: compact == the weights handed back
+    assert launcher["parameters"][1] < launcher["parameters"][0]
 
 
 def test_two_nodes_slurm_environment(tmp_path, reference_dir):

@@ -71,7 +71,7 @@ def test_every_python_block_is_covered():
     found = {(p, i) for p in ["README.md", *(f"docs/{f.name}" for f in sorted((ROOT / "docs").glob("*.md")))]
              for i in range(len(blocks(p)))}  # fmt: skip
     covered = {("README.md", 0), ("README.md", 1), ("docs/compaction.md", 0), ("docs/compaction.md", 1),
-               ("docs/studies.md", 0), *NOT_RUN}  # fmt: skip
+               ("docs/distributed.md", 1), ("docs/studies.md", 0), *NOT_RUN}  # fmt: skip
     assert found == covered
 
 
@@ -107,6 +107,29 @@ def test_compaction_docs():
         assert torch.allclose(small(x), lit.net(x), atol=1e-5)
     _run(second, lit=lit, datamodule=UserData(), callback=callback, pl=pl, lp=ns["lp"], Net=ns["Net"])
     assert type(lit.net).__name__ == "CompactSmallResNet"
+
+
+def test_distributed_docs_masks_in_a_process_that_did_not_fit(tmp_path):
+    """The ddp_spawn advice, in the role of the launching process: a callback object that saw nothing of
+    the fit gets its masks from the checkpoint (tests/test_ddp.py runs it under ddp_spawn itself)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_prune import TaylorPruningCallback
+
+    model, checkpoint = UserModule(), ModelCheckpoint(dirpath=tmp_path)
+    pruning = TaylorPruningCallback(prune_every_n_batches=2, neurons_per_step=2, num_to_prune=4)
+    trainer = pl.Trainer(max_epochs=1, callbacks=[pruning, checkpoint], logger=False, enable_progress_bar=False)
+    trainer.fit(model, UserData())
+    launcher = TaylorPruningCallback(prune_every_n_batches=2, neurons_per_step=2, num_to_prune=4)
+    assert launcher.masks == {}
+    ns = _run(blocks("docs/distributed.md")[1], checkpoint_callback=checkpoint, callback=launcher, model=model)
+    assert launcher.masks.keys() == pruning.masks.keys()
+    assert all(torch.equal(launcher.masks[k], pruning.masks[k]) for k in pruning.masks)
+    x = torch.randn(4, 3, 16, 16)
+    model.eval(), ns["small"].eval()
+    with torch.no_grad():
+        assert torch.allclose(ns["small"](x), model.net(x), atol=1e-5)
+    assert sum(p.numel() for p in ns["small"].parameters()) < sum(p.numel() for p in model.net.parameters())
 
 
 def test_studies_docs_without_a_trainer():

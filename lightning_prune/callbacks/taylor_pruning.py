@@ -179,17 +179,21 @@ class TaylorPruningCallback(Callback):
     def masks(self) -> PruningMasks | dict[str, torch.Tensor]:
         """Qualified name of each gated layer -> bool per output channel, True where the neuron is kept: a
         dict that also records how the network was traced, so ``lightning_prune.compact(network, masks)``
-        needs no example input."""
+        needs no example input. After ``load_state_dict`` outside a fit (the launching process of
+        ``ddp_spawn``), the masks of the loaded state."""
         return self._gate_masks(self._alive)
 
     @property
     def compact_masks(self) -> PruningMasks | dict[str, torch.Tensor]:
         """The channels the compact model keeps: :attr:`masks` with widths rounded up to a multiple of
         ``compact_round_to`` (the same as :attr:`masks` without it)."""
-        return self._gate_masks(self._compact_alive() if self._alive is not None else None)
+        return self._gate_masks(self._compact_alive() if self._alive is not None else None, "compact_masks")
 
-    def _gate_masks(self, alive: torch.Tensor | None) -> PruningMasks | dict[str, torch.Tensor]:
-        if self.graph is None or alive is None:
+    def _gate_masks(self, alive: torch.Tensor | None, key: str = "masks") -> PruningMasks | dict[str, torch.Tensor]:
+        if self.graph is None:  # before fit, or a state loaded outside fit (the launcher of ddp_spawn)
+            state = self._pending_state or {}
+            return PruningMasks(state[key], state["trace"]) if key in state else {}
+        if alive is None:
             return {}
         return masks_from_alive(self.graph, alive, self.gate_placement)
 
@@ -608,6 +612,10 @@ class TaylorPruningCallback(Callback):
             "loss": None if self._loss is None else float(self._loss),
             "history": [r.as_dict() for r in self.history],
             "criterion": self.criterion.state_dict(),
+            # for a process that loads this state without fitting (ddp_spawn's launcher, an analysis script)
+            "masks": {n: m.cpu() for n, m in self.masks.items()},
+            "compact_masks": {n: m.cpu() for n, m in self.compact_masks.items()},
+            "trace": self.masks.trace,
         }
 
     @override
