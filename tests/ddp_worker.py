@@ -208,6 +208,7 @@ class Recorder(Callback):
         self._counter.__enter__()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        Path(f"{self.prefix}_rank{trainer.global_rank}.heartbeat").touch()  # alive (tests/test_ddp.py: STALL)
         self.labels.append(batch[1].cpu())  # the data order this rank saw
         self.comm.append((trainer.global_step, [(r.op, r.bytes, r.caller) for r in self._counter.records]))
         self._counter.records.clear()

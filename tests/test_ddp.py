@@ -14,6 +14,7 @@ flip). BatchNorm is synchronised with ``CPUSyncBatchNormPlugin`` (the CPU stand-
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -32,8 +33,9 @@ EXACT = ["fo", "fg", "accum", "accum_fg", "hooks", *PATTERNS]  # compared with a
 DDP_CONFIGS = [*EXACT, "bf16", "fp16", "resume", "stop"]
 REFERENCE_OF = {"hooks": "fo", "resume": "fo", **dict.fromkeys(PATTERNS, "fo")}  # same training problem
 RTOL = 1e-5
+STALL = 120  # seconds without any output of a launch: it hangs (a healthy rank writes every batch)
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = pytest.mark.timeout(3600)  # a last resort: hangs fail after STALL seconds of silence
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
@@ -62,21 +64,25 @@ def _start(out: Path, *commands: list[str], env: list[dict[str, str]] | None = N
     return procs, logs
 
 
-def _exit_codes(procs: list[subprocess.Popen], logs: list[Path], timeout: float = 600) -> list[int]:
+def _exit_codes(procs: list[subprocess.Popen], logs: list[Path], stall: float = STALL) -> list[int]:
     """Wait for the launch. Once a process fails the others get 10 s, then are killed (they may wait for it
-    forever); a launch still running after ``timeout`` seconds with no failure (a hang) fails the test."""
-    deadline = time.monotonic() + timeout
+    forever). A launch whose folder (logs, heartbeats, results) has not changed for ``stall`` seconds hangs
+    and fails the test: a loaded machine makes a run slower, not silent, so no deadline depends on load."""
+    folder = logs[0].parent
+    last_change, newest = time.monotonic(), _newest_change(folder)
+    deadline = math.inf
     try:
         while any(p.poll() is None for p in procs):
-            failed = any(p.returncode for p in procs)
-            if failed:
+            if any(p.returncode for p in procs):
                 deadline = min(deadline, time.monotonic() + 10)
-            if time.monotonic() > deadline:
-                if failed:
+                if time.monotonic() > deadline:
                     break
+            elif (changed := _newest_change(folder)) != newest:
+                last_change, newest = time.monotonic(), changed
+            elif time.monotonic() - last_change > stall:
                 tails = "\n".join(f"--- {log.name}\n" + log.read_text()[-2000:] for log in logs)
-                pytest.fail(f"DDP launch still running after {timeout} s (hung?):\n{tails}")
-            time.sleep(0.2)
+                pytest.fail(f"DDP launch silent for {stall:.0f} s (hung):\n{tails}")
+            time.sleep(0.5)
     finally:
         for p in procs:
             if p.poll() is None:
@@ -85,17 +91,20 @@ def _exit_codes(procs: list[subprocess.Popen], logs: list[Path], timeout: float 
     return [p.returncode for p in procs]
 
 
-def _wait(procs: list[subprocess.Popen], logs: list[Path], timeout: float = 600) -> None:
-    codes = _exit_codes(procs, logs, timeout)
+def _newest_change(folder: Path) -> float:
+    """The latest modification time of anything under ``folder``."""
+    return max((f.stat().st_mtime for f in folder.rglob("*") if f.exists()), default=0.0)
+
+
+def _wait(procs: list[subprocess.Popen], logs: list[Path], stall: float = STALL) -> None:
+    codes = _exit_codes(procs, logs, stall)
     if any(codes):
         tails = "\n".join(f"--- {log.name}\n" + log.read_text()[-4000:] for log in logs)
         pytest.fail(f"DDP worker failed with exit codes {codes}:\n{tails}")
 
 
-def _launch(
-    out: Path, *commands: list[str], env: list[dict[str, str]] | None = None, timeout: float = 600
-) -> Path:
-    _wait(*_start(out, *commands, env=env), timeout=timeout)
+def _launch(out: Path, *commands: list[str], env: list[dict[str, str]] | None = None, stall: float = STALL) -> Path:
+    _wait(*_start(out, *commands, env=env), stall=stall)
     return out
 
 
@@ -234,7 +243,7 @@ def test_users_small_network_without_forward(module_name, shuffle, tmp_path):
     script = Path(__file__).with_name("ddp_user_script.py")
     cmd = [sys.executable, str(script), str(tmp_path)] + (["--module-name", module_name] if module_name else [])
     cmd += ["--shuffle"] if shuffle else []
-    _launch(tmp_path, cmd, timeout=240)
+    _launch(tmp_path, cmd)
     ranks = [torch.load(tmp_path / f"user_rank{r}.pt", weights_only=False) for r in range(2)]
     assert ranks[0]["num_pruned"] == ranks[1]["num_pruned"] == 19  # 48 neurons, keep_ratio 0.6
     assert ranks[0]["masks"].keys() == {"net.bn1", "net.bn2"}
@@ -396,3 +405,14 @@ def test_cpu_sync_batchnorm_equals_batchnorm_on_the_whole_batch(ddp_dir):
         assert got["bn_type"] == "CPUSyncBatchNorm"
         for key in ("bn_out", "bn_input_grad", "bn_weight_grad", "bn_running_var", "bn_running_mean"):
             assert got[key] < 1e-12, (key, got[key])
+
+
+def test_a_silent_launch_fails_and_a_slow_one_does_not(tmp_path):
+    """The hang rule of every launch here: silence fails, slowness (a loaded machine) does not."""
+    slow = [sys.executable, "-c", "import time\nfor i in range(6):\n    print(i, flush=True)\n    time.sleep(1)"]
+    assert _exit_codes(*_start(tmp_path / "slow", slow), stall=3) == [0]  # 6 s in all, never 3 s silent
+    silent = [sys.executable, "-c", "import time; time.sleep(60)"]
+    started = time.monotonic()
+    with pytest.raises(pytest.fail.Exception, match="silent for 3 s"):
+        _exit_codes(*_start(tmp_path / "silent", silent), stall=3)
+    assert time.monotonic() - started < 20
