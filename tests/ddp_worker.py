@@ -53,6 +53,7 @@ class Config:
     max_loss: float | None = None
     pattern: str = "forward_example"  # how the LightningModule exposes its network (see ``MODULES``)
     history_dir: bool = True  # False: the history goes to the trainer's log dir, read on every rank
+    pruning_steps: int | None = None  # a cubic schedule over this many optimizer steps
 
 
 CONFIGS = {
@@ -70,6 +71,7 @@ CONFIGS = {
     "no_forward": Config(pattern="no_forward", history_dir=False),
     "module_name": Config(pattern="module_name"),
     "forward_only": Config(pattern="forward_only"),
+    "schedule": Config(pruning_steps=6, epochs=4),  # 3 pruning steps removing 5, 7, 8 neurons in all
 }
 
 
@@ -269,6 +271,7 @@ def run(name: str, out: Path, devices: int = 1, num_nodes: int = 1, strategy: st
             max_loss=cfg.max_loss,
             history_dir=str(out / f"history_{tag}") if cfg.history_dir else None,
             module_name="net" if cfg.pattern == "module_name" else None,
+            pruning_steps=cfg.pruning_steps,
         )
         root = out / f"root_{tag}"
         trainer = _trainer(cfg, root, [pruner, Recorder(pruner, out / tag)], devices, num_nodes, strategy, epochs)

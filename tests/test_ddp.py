@@ -29,7 +29,7 @@ import torch
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 PATTERNS = ["no_forward", "module_name", "forward_only"]  # the LightningModules users write
-EXACT = ["fo", "fg", "accum", "accum_fg", "hooks", *PATTERNS]  # compared with a float64 single-process run
+EXACT = ["fo", "fg", "accum", "accum_fg", "hooks", *PATTERNS, "schedule"]  # compared with a float64 single-process run
 DDP_CONFIGS = [*EXACT, "bf16", "fp16", "resume", "stop"]
 REFERENCE_OF = {"hooks": "fo", "resume": "fo", **dict.fromkeys(PATTERNS, "fo")}  # same training problem
 RTOL = 1e-5
@@ -205,13 +205,16 @@ def test_ddp_equals_single_process_with_doubled_batch(name, ddp_dir, reference_d
 
     fo: taylor_fo_bn from DDP-averaged parameter gradients (no communication); fg: the per-sample
     criterion through explicit gates and one all_reduce; accum/accum_fg: accumulate_grad_batches=2, where
-    DDP skips synchronisation between micro-batches; hooks: the group criterion through explicit gates.
+    DDP skips synchronisation between micro-batches; hooks: the group criterion through explicit gates;
+    schedule: ``pruning_steps`` (the cubic schedule's per-step counts and FLOPs goals on every rank).
     """
     ranks = _load(ddp_dir, name)
     ref = _reference(reference_dir, name)
     assert ranks[0]["info"]["strategy"] == "DDPStrategy" and ranks[0]["info"]["world_size"] == 2
     assert ranks[0]["info"]["sync_bn"] == ["CPUSyncBatchNorm"]
     assert len(ref["steps"]) >= 3 and ref["final"]["num_pruned"] == 8
+    if name == "schedule":  # pruning_steps=6, every 2: floor(8 (1 - (1 - i/3)^3)) neurons after step i
+        assert [(s["global_step"], s["num_pruned"]) for s in ref["steps"]] == [(2, 5), (4, 7), (6, 8)]
     for rank in ranks:
         _assert_matches(rank["steps"], ref["steps"])
         for layer, mask in ref["final"]["masks"].items():

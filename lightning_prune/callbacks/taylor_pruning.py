@@ -27,6 +27,7 @@ from lightning_prune.pruner import CostModel, NeuronMasks, NeuronSelector, neuro
 from lightning_prune.pruner.history import PruningRecord, write_history
 
 _UNSUPPORTED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
+SCHEDULES = ("cubic", "linear")
 
 
 class TaylorPruningCallback(Callback):
@@ -42,7 +43,7 @@ class TaylorPruningCallback(Callback):
             :class:`~lightning_prune.importance.Criterion` instance.
         prune_every_n_batches: optimizer steps between two pruning steps (K).
         neurons_per_step: neurons removed per pruning step; an ``int``, or a ``float`` in (0, 1) for a
-            fraction of the initial prunable neurons.
+            fraction of the initial prunable neurons. Unused with ``pruning_steps``.
         keep_ratio: fraction of the prunable neurons left at the end. Give this, ``num_to_prune`` or
             ``target_flops_ratio`` (or one of the first two with it, as a cap).
         num_to_prune: number of neurons to remove in total.
@@ -70,6 +71,14 @@ class TaylorPruningCallback(Callback):
             (:func:`lightning_prune.compact`): the result is ``callback.compact_model``, written on rank zero
             with :func:`lightning_prune.save_compact` to ``compact_path``.
         compact_path: where the compact model goes; by default ``compact_model.pt`` in the trainer's log dir.
+        pruning_steps: spread pruning over this many optimizer steps (an ``int``, or a ``float`` in (0, 1]
+            for a fraction of the fit's ``trainer.estimated_stepping_batches``) and reach the target at its
+            last pruning step; the rest of the fit fine-tunes the pruned network. Each pruning step brings the
+            removal (of neurons, or of FLOPs with ``target_flops_ratio``) to its share of the target along
+            ``schedule``.
+        schedule: with ``pruning_steps``: ``"cubic"`` removes much early and little late, when the network
+            is small and every neuron counts (share ``1 - (1 - i/P)^3`` after pruning step ``i`` of ``P``,
+            Zhu & Gupta 2017); ``"linear"`` the same amount at every step.
         compact_round_to: keep a multiple of this many channels per layer in the compact model (e.g. 16,
             oneDNN's float32 channel block on AVX-512 CPUs, or 8 for tensor cores). The FLOPs and
             parameters logged, and ``target_flops_ratio``, then count the rounded widths: pruning goes on
@@ -103,6 +112,8 @@ class TaylorPruningCallback(Callback):
         compact_on_fit_end: bool = False,
         compact_path: str | None = None,
         compact_round_to: int | None = None,
+        pruning_steps: int | float | None = None,
+        schedule: Literal["cubic", "linear"] = "cubic",
     ) -> None:
         super().__init__()
         _check(isinstance(prune_every_n_batches, int) and prune_every_n_batches >= 1,
@@ -124,6 +135,10 @@ class TaylorPruningCallback(Callback):
         _check(max_loss is None or max_loss > 0, f"max_loss must be positive, got {max_loss!r}")
         _check(target_flops_ratio is None or 0 < target_flops_ratio < 1,
                f"target_flops_ratio must be in (0, 1), got {target_flops_ratio!r}")  # fmt: skip
+        _check(pruning_steps is None or (isinstance(pruning_steps, int) and pruning_steps >= 1)
+               or (isinstance(pruning_steps, float) and 0 < pruning_steps <= 1),
+               f"pruning_steps must be an int >= 1 or a float in (0, 1], got {pruning_steps!r}")  # fmt: skip
+        _check(schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         _check(gate_gradient in ("auto", "hooks"), f"gate_gradient must be 'auto' or 'hooks', got {gate_gradient!r}")
         self.criterion = get_criterion(criterion, **(criterion_kwargs or {}))
         self.prune_every_n_batches = prune_every_n_batches
@@ -149,6 +164,8 @@ class TaylorPruningCallback(Callback):
         self.compact_on_fit_end = compact_on_fit_end
         self.compact_path = compact_path
         self.compact_round_to = compact_round_to
+        self.pruning_steps = pruning_steps
+        self.schedule = schedule
         self.compact_model: nn.Module | None = None
         self.compact_file: str | None = None
         self._log_dir: str | None = None
@@ -165,6 +182,8 @@ class TaylorPruningCallback(Callback):
         self._initial_prunable = 0
         self._target = 0
         self._step_size = 0
+        self._num_pruning_steps = 0  # P: the pruning steps of a ``pruning_steps`` schedule
+        self._pruning_step = 0  # pruning steps taken (with or without removal)
         self._grads: GateGradients | None = None
         self._interval_sum: dict[str, torch.Tensor] = {}
         self._interval_count: torch.Tensor | int = 0
@@ -307,7 +326,7 @@ class TaylorPruningCallback(Callback):
         self._alive = all_alive.clone()
         self._initial_prunable = graph.num_prunable
         self.initial_flops, self.initial_params = self._cost.flops(all_alive), self._cost.params(all_alive)
-        self._plan(self._selector.max_removable(all_alive))
+        self._plan(self._selector.max_removable(all_alive), trainer)
         if self._pending_state is not None:
             self._restore(self._pending_state)
             self._pending_state = None
@@ -317,12 +336,17 @@ class TaylorPruningCallback(Callback):
             )
             self._grads.attach()
         self._last_step = trainer.global_step
-        rank_zero_info(
-            f"TaylorPruningCallback: {graph.describe()}; removing {self._target} neurons, "
-            f"{self._step_size} every {self.prune_every_n_batches} optimizer steps ({self.criterion.name})."
-        )
+        rank_zero_info(f"TaylorPruningCallback: {graph.describe()}; {self._describe_plan()} ({self.criterion.name}).")
 
-    def _plan(self, max_removable: int) -> None:
+    def _describe_plan(self) -> str:
+        what = (f"down to {self.target_flops_ratio:g}x the FLOPs" if self.target_flops_ratio is not None
+                and self.keep_ratio is None and self.num_to_prune is None else f"{self._target} neurons")  # fmt: skip
+        if self._num_pruning_steps:
+            return (f"removing {what} in {self._num_pruning_steps} pruning steps, one every "
+                    f"{self.prune_every_n_batches} optimizer steps ({self.schedule} schedule)")  # fmt: skip
+        return f"removing {what}, {self._step_size} neurons every {self.prune_every_n_batches} optimizer steps"
+
+    def _plan(self, max_removable: int, trainer: pl.Trainer) -> None:
         prunable = self._initial_prunable
         if self.keep_ratio is not None:
             self._target = prunable - round(self.keep_ratio * prunable)
@@ -343,6 +367,20 @@ class TaylorPruningCallback(Callback):
                 f"impossible target: {self._target} neurons to remove, but at most {max_removable} of the "
                 f"{prunable} prunable neurons can go while every layer keeps min_channels={self.min_channels}"
             )
+        if self.pruning_steps is not None:
+            self._num_pruning_steps = _pruning_step_count(self.pruning_steps, self.prune_every_n_batches, trainer)
+
+    def _goal(self) -> tuple[int, float | None]:
+        """What the next pruning step removes up to: neurons, and the FLOPs ratio (None: no FLOPs target)."""
+        if not self._num_pruning_steps:
+            return min(self.num_pruned + self._step_size, self._target), self.target_flops_ratio
+        share = schedule_share(self.schedule, self._pruning_step + 1, self._num_pruning_steps)
+        neurons = self._target if share >= 1 else math.floor(share * self._target)  # the target at step P
+        if self.target_flops_ratio is None:
+            return neurons, None
+        if self.keep_ratio is None and self.num_to_prune is None:
+            neurons = self._target  # as many as the FLOPs share takes
+        return neurons, 1 - share * (1 - self.target_flops_ratio)
 
     # -- importance accumulation -----------------------------------------------------------------------------
     @override
@@ -419,13 +457,17 @@ class TaylorPruningCallback(Callback):
         loss = None if self._loss is None else float(self._loss)
         if loss is not None and not math.isfinite(loss):
             loss = None  # no finite loss seen yet (on some rank): unknown, max_loss can't judge it
-        count = min(self._step_size, self._target - self.num_pruned)
+        goal_neurons, goal_flops = self._goal()
+        self._pruning_step += 1
+        count = goal_neurons - self.num_pruned
+        if count <= 0:  # a schedule's share that rounds to no new neuron: importance keeps accumulating
+            return
         if self.max_loss is not None and loss is not None and loss > self.max_loss:
             stop = True
             chosen = torch.empty(0, dtype=torch.long)
         else:
             chosen = self._selector.select(neuron_scores(self.graph, self.importance), self._alive, count)
-            chosen = self._trim_to_flops_target(chosen)
+            chosen = self._trim_to_flops_target(chosen, goal_flops)
             stop = False
         # one decision for every rank (rank zero's), even if floating point ever differed between them
         chosen, stop = broadcast_decision(trainer, chosen, stop, count)
@@ -440,13 +482,13 @@ class TaylorPruningCallback(Callback):
             if ratio <= self.target_flops_ratio:
                 self._finish(trainer, f"FLOPs target reached ({ratio:.3f} <= {self.target_flops_ratio})")
 
-    def _trim_to_flops_target(self, chosen: torch.Tensor) -> torch.Tensor:
-        """The shortest prefix of ``chosen`` (lowest scores first) that reaches ``target_flops_ratio``, or all
-        of it: the FLOPs target is met, not overshot by the rest of a step (binary search, FLOPs fall as
-        neurons go)."""
-        if self.target_flops_ratio is None or not self.initial_flops or chosen.numel() <= 1:
+    def _trim_to_flops_target(self, chosen: torch.Tensor, ratio: float | None) -> torch.Tensor:
+        """The shortest prefix of ``chosen`` (lowest scores first) that brings the FLOPs down to ``ratio`` of
+        the initial FLOPs, or all of it: the target is met, not overshot by the rest of a step (binary
+        search, FLOPs fall as neurons go)."""
+        if ratio is None or not self.initial_flops or chosen.numel() <= 1:
             return chosen
-        budget = self.target_flops_ratio * self.initial_flops
+        budget = ratio * self.initial_flops
         priority = self._revival_priority()
         priority[chosen] = len(self.history) + 1  # as the record of this step will say
 
@@ -605,6 +647,7 @@ class TaylorPruningCallback(Callback):
             "interval_sum": {n: v.detach().cpu().clone() for n, v in self._interval_sum.items()},
             "interval_count": int(self._interval_count),
             "steps_in_interval": self._steps_in_interval,
+            "pruning_step": self._pruning_step,
             "num_pruned": self.num_pruned,
             "initial_prunable": self._initial_prunable,
             "done": self.done,
@@ -655,6 +698,7 @@ class TaylorPruningCallback(Callback):
         self._interval_sum = {n: v.to(device) for n, v in state["interval_sum"].items()}
         self._interval_count = state["interval_count"]
         self._steps_in_interval = state["steps_in_interval"]
+        self._pruning_step = state.get("pruning_step", len(self.history))
         self.num_pruned = state["num_pruned"]
         self.done = state["done"]
         self.stop_reason = state["stop_reason"]
@@ -663,6 +707,25 @@ class TaylorPruningCallback(Callback):
         self.criterion.load_state_dict(state["criterion"])
         self._masks.update(~self._alive)
         self._masks.zero_parameters()
+
+
+def schedule_share(schedule: str, step: int, steps: int) -> float:
+    """The share of the target removed after pruning step ``step`` of ``steps`` (1 from the last on)."""
+    t = min(step / steps, 1.0)
+    return 1 - (1 - t) ** 3 if schedule == "cubic" else t
+
+
+def _pruning_step_count(pruning_steps: int | float, every: int, trainer: pl.Trainer) -> int:
+    """P, the pruning steps that fit in ``pruning_steps`` optimizer steps (a fraction of the fit's)."""
+    if isinstance(pruning_steps, float):
+        total = trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise PruningConfigurationError(
+                "pruning_steps as a fraction needs a finite training length: set max_steps or max_epochs, or "
+                "give pruning_steps as a number of optimizer steps"
+            )
+        pruning_steps = max(1, round(pruning_steps * total))
+    return max(1, pruning_steps // every)
 
 
 def _check(condition: bool, message: str) -> None:
