@@ -54,6 +54,7 @@ class Config:
     pattern: str = "forward_example"  # how the LightningModule exposes its network (see ``MODULES``)
     history_dir: bool = True  # False: the history goes to the trainer's log dir, read on every rank
     pruning_steps: int | None = None  # a cubic schedule over this many optimizer steps
+    compact_when_done: bool = False  # train the compact network after the last pruning step
 
 
 CONFIGS = {
@@ -72,6 +73,7 @@ CONFIGS = {
     "module_name": Config(pattern="module_name"),
     "forward_only": Config(pattern="forward_only"),
     "schedule": Config(pruning_steps=6, epochs=4),  # 3 pruning steps removing 5, 7, 8 neurons in all
+    "compact": Config(pattern="no_forward", per_step=3, compact_when_done=True),  # compact from step 7 of 9
 }
 
 
@@ -224,6 +226,7 @@ class Recorder(Callback):
     def on_train_end(self, trainer, pl_module):
         self._counter.__exit__(None, None, None)
         self.final = self._snapshot(trainer, pl_module)
+        self.final["weights"] = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
         data = {"steps": self.steps, "final": self.final, "info": self.info, "labels": self.labels, "comm": self.comm}
         torch.save(data, f"{self.prefix}_rank{trainer.global_rank}.pt")
 
@@ -272,6 +275,7 @@ def run(name: str, out: Path, devices: int = 1, num_nodes: int = 1, strategy: st
             history_dir=str(out / f"history_{tag}") if cfg.history_dir else None,
             module_name="net" if cfg.pattern == "module_name" else None,
             pruning_steps=cfg.pruning_steps,
+            compact_when_done=cfg.compact_when_done,
         )
         root = out / f"root_{tag}"
         trainer = _trainer(cfg, root, [pruner, Recorder(pruner, out / tag)], devices, num_nodes, strategy, epochs)

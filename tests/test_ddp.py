@@ -29,7 +29,7 @@ import torch
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 PATTERNS = ["no_forward", "module_name", "forward_only"]  # the LightningModules users write
-EXACT = ["fo", "fg", "accum", "accum_fg", "hooks", *PATTERNS, "schedule"]  # compared with a float64 single-process run
+EXACT = ["fo", "fg", "accum", "accum_fg", "hooks", *PATTERNS, "schedule", "compact"]  # compared with a float64 single-process run
 DDP_CONFIGS = [*EXACT, "bf16", "fp16", "resume", "stop"]
 REFERENCE_OF = {"hooks": "fo", "resume": "fo", **dict.fromkeys(PATTERNS, "fo")}  # same training problem
 RTOL = 1e-5
@@ -206,7 +206,8 @@ def test_ddp_equals_single_process_with_doubled_batch(name, ddp_dir, reference_d
     fo: taylor_fo_bn from DDP-averaged parameter gradients (no communication); fg: the per-sample
     criterion through explicit gates and one all_reduce; accum/accum_fg: accumulate_grad_batches=2, where
     DDP skips synchronisation between micro-batches; hooks: the group criterion through explicit gates;
-    schedule: ``pruning_steps`` (the cubic schedule's per-step counts and FLOPs goals on every rank).
+    schedule: ``pruning_steps`` (the cubic schedule's per-step counts on every rank); compact:
+    ``compact_when_done``, the last steps on the compact network, its weights equal to the reference's.
     """
     ranks = _load(ddp_dir, name)
     ref = _reference(reference_dir, name)
@@ -215,6 +216,14 @@ def test_ddp_equals_single_process_with_doubled_batch(name, ddp_dir, reference_d
     assert len(ref["steps"]) >= 3 and ref["final"]["num_pruned"] == 8
     if name == "schedule":  # pruning_steps=6, every 2: floor(8 (1 - (1 - i/3)^3)) neurons after step i
         assert [(s["global_step"], s["num_pruned"]) for s in ref["steps"]] == [(2, 5), (4, 7), (6, 8)]
+    if name == "compact":  # compact_when_done: DDP wrapped the compact network again and trained it as one process
+        final = ref["final"]["weights"]
+        masked = _reference(reference_dir, "fo")["final"]["weights"]
+        assert sum(v.numel() for v in final.values()) < sum(v.numel() for v in masked.values())
+        for rank in ranks:
+            assert rank["final"]["weights"].keys() == final.keys()
+            for key, value in final.items():
+                assert torch.allclose(rank["final"]["weights"][key], value, rtol=1e-8, atol=1e-10), key
     for rank in ranks:
         _assert_matches(rank["steps"], ref["steps"])
         for layer, mask in ref["final"]["masks"].items():

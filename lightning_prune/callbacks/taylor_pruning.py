@@ -18,6 +18,8 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_prune.compaction import PruningMasks, compact, masks_from_alive, round_alive, save_compact
+from lightning_prune.compaction.compact import _network_of
+from lightning_prune.compaction.in_fit import parameter_sources, replace_network
 from lightning_prune.dependency import GATE_PLACEMENTS, DependencyGraph, build_dependency_graph
 from lightning_prune.dependency.graph import module_names
 from lightning_prune.distributed import broadcast_decision, mean_over_ranks
@@ -71,6 +73,11 @@ class TaylorPruningCallback(Callback):
             (:func:`lightning_prune.compact`): the result is ``callback.compact_model``, written on rank zero
             with :func:`lightning_prune.save_compact` to ``compact_path``.
         compact_path: where the compact model goes; by default ``compact_model.pt`` in the trainer's log dir.
+        compact_when_done: once pruning ends, train the compact network for the rest of the fit: the
+            network (an attribute of the LightningModule, e.g. ``self.net``) is replaced by its compact
+            version, the optimizer's parameters and state follow, and so does the DDP wrapper. Every later
+            step costs what the compact network costs and computes what the masked one would. Checkpoints
+            then hold the compact network; resuming from one compacts the new network before its weights load.
         pruning_steps: spread pruning over this many optimizer steps (an ``int``, or a ``float`` in (0, 1]
             for a fraction of the fit's ``trainer.estimated_stepping_batches``) and reach the target at its
             last pruning step; the rest of the fit fine-tunes the pruned network. Each pruning step brings the
@@ -114,6 +121,7 @@ class TaylorPruningCallback(Callback):
         compact_round_to: int | None = None,
         pruning_steps: int | float | None = None,
         schedule: Literal["cubic", "linear"] = "cubic",
+        compact_when_done: bool = False,
     ) -> None:
         super().__init__()
         _check(isinstance(prune_every_n_batches, int) and prune_every_n_batches >= 1,
@@ -166,6 +174,10 @@ class TaylorPruningCallback(Callback):
         self.compact_round_to = compact_round_to
         self.pruning_steps = pruning_steps
         self.schedule = schedule
+        self.compact_when_done = compact_when_done
+        self.compacted = False  # the network in the LightningModule is the compact one
+        self._network_path = ""  # where the network lives in the LightningModule (compact_when_done)
+        self._hook_wrapped = False
         self.compact_model: nn.Module | None = None
         self.compact_file: str | None = None
         self._log_dir: str | None = None
@@ -240,6 +252,16 @@ class TaylorPruningCallback(Callback):
             except AttributeError as err:
                 raise PruningConfigurationError(f"module_name {self.module_name!r} is not a submodule: {err}") from err
         self._check_module_names(pl_module)
+        if self.compact_when_done and "on_load_checkpoint" not in vars(pl_module):
+            user_hook = pl_module.on_load_checkpoint
+
+            def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
+                # Lightning loads the weights right after this hook, and no callback hook runs before
+                self._compact_for_checkpoint(pl_module, checkpoint)
+                user_hook(checkpoint)
+
+            pl_module.on_load_checkpoint = on_load_checkpoint
+            self._hook_wrapped = True
         # resolved here, on every rank: ``trainer.log_dir`` is a collective (a broadcast from rank zero), so
         # reading it later on rank zero alone would leave the other ranks one collective behind (a hang)
         self._log_dir = trainer.log_dir or trainer.default_root_dir
@@ -259,6 +281,8 @@ class TaylorPruningCallback(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.compacted:  # resumed after compact_when_done: pruning is over, nothing to trace
+            return
         if self.graph is not None:  # fitting again with the same callback
             if self._grads is not None and not self.done:
                 self._grads.detach()
@@ -299,7 +323,7 @@ class TaylorPruningCallback(Callback):
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
-        if self.graph is None:
+        if self.graph is None and not self.compacted:
             raise UnsupportedModelError(
                 "TaylorPruningCallback never saw the network's input: set `example_input_array` on the "
                 "LightningModule, or pass `example_input=` / `module_name=` to the callback."
@@ -317,6 +341,14 @@ class TaylorPruningCallback(Callback):
             prune_residual=self.prune_residual,
             prefix=prefix,
         )
+        if self.compact_when_done:
+            self._network_path = name or _network_of(pl_module, list(graph.gates))[1].removesuffix(".")
+            if not self._network_path:
+                raise PruningConfigurationError(
+                    "compact_when_done replaces the network inside the LightningModule, so it needs the network "
+                    f"in one attribute of {type(pl_module).__name__} (self.net = ...) holding every parameter, "
+                    "or module_name= naming it"
+                )
         self.criterion.setup(graph)
         self._selector = NeuronSelector(graph, self.min_channels)
         self._masks = NeuronMasks(graph)
@@ -401,7 +433,7 @@ class TaylorPruningCallback(Callback):
             self._interval_count = self._interval_count + finite.long()
         if self._grads is not None:
             self._grads.reset()
-        if self.num_pruned:
+        if self.num_pruned and not self.compacted:
             self._masks.zero_gradients()
 
     @override
@@ -415,7 +447,7 @@ class TaylorPruningCallback(Callback):
             self._loss = self._smoothed_loss(loss.detach().float())
         if trainer.global_step != self._last_step:  # else accumulating gradients: no optimizer step yet
             self._last_step = trainer.global_step
-            if self.num_pruned:
+            if self.num_pruned and not self.compacted:
                 self._masks.zero_parameters()  # any optimizer, any update rule: removed weights stay zero
             if not self.done:
                 self._steps_in_interval += 1
@@ -565,6 +597,29 @@ class TaylorPruningCallback(Callback):
         self.criterion.detach()  # hooks of criteria that record activations are no longer needed
         self._interval_sum, self._interval_count = {}, 0
         rank_zero_info(f"TaylorPruningCallback: pruning finished ({reason}) with {self.num_pruned} neurons removed.")
+        if self.compact_when_done:
+            self._compact_in_fit(trainer)
+
+    def _compact_in_fit(self, trainer: pl.Trainer) -> None:
+        """Replace the masked network by the compact one for the rest of the fit (on every rank)."""
+        pl_module = trainer.lightning_module
+        masked = pl_module.get_submodule(self._network_path)
+        sources = parameter_sources(masked, self.compact)
+        small = self.compact()
+        replace_network(trainer, pl_module, self._network_path, small, sources)
+        self.compacted, self.compact_model = True, small
+        before, after = (sum(p.numel() for p in m.parameters()) for m in (masked, small))
+        rank_zero_info(f"TaylorPruningCallback: training the compact network from here ({before:,} -> {after:,} parameters).")
+
+    def _compact_for_checkpoint(self, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Before a checkpoint saved after ``compact_when_done`` loads: compact this (new) network the same way."""
+        state = checkpoint.get("callbacks", {}).get(self.state_key) or {}
+        if not state.get("compacted") or self.compacted:
+            return
+        small = compact(pl_module, PruningMasks(state["compact_masks"], state["trace"]))
+        parent, _, attr = state["network_path"].rpartition(".")
+        setattr(pl_module.get_submodule(parent) if parent else pl_module, attr, small)
+        self.compacted, self.compact_model, self._network_path = True, small, state["network_path"]
 
     # -- logging ---------------------------------------------------------------------------------------------
     def _log_state(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -612,6 +667,8 @@ class TaylorPruningCallback(Callback):
         neurons, widths rounded as :attr:`compact_masks`. Where the callback traced the LightningModule and
         its parameters all live in one child (``self.net``), the compact model is that child, which fits
         back in as ``lit.net`` for a fine-tuning stage (see :func:`lightning_prune.compact`)."""
+        if self.compacted and model is None:
+            return self.compact_model  # already the network being trained
         if self.graph is None:
             raise PruningConfigurationError("nothing to compact: the callback has not analysed the network yet")
         traced = self.graph.modules[min(self.graph.modules, key=len)]  # modules maps prefix + name
@@ -630,6 +687,9 @@ class TaylorPruningCallback(Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._hook_wrapped:  # the wrapper set in setup
+            vars(pl_module).pop("on_load_checkpoint", None)
+            self._hook_wrapped = False
         if self._grads is not None:
             self._grads.detach()
         for handle in self._capture_handles:
@@ -659,6 +719,8 @@ class TaylorPruningCallback(Callback):
             "masks": {n: m.cpu() for n, m in self.masks.items()},
             "compact_masks": {n: m.cpu() for n, m in self.compact_masks.items()},
             "trace": self.masks.trace,
+            "compacted": self.compacted,
+            "network_path": self._network_path,
         }
 
     @override
@@ -678,6 +740,12 @@ class TaylorPruningCallback(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
+            return
+        if state_dict.get("compacted"):  # the network is compact already: keep the state as a record
+            self._pending_state = dict(state_dict)
+            self.num_pruned, self.done, self.stop_reason = state_dict["num_pruned"], True, state_dict["stop_reason"]
+            self.history = [PruningRecord(**r) for r in state_dict["history"]]
+            self.importance = dict(state_dict["importance"])
             return
         if self.graph is None:
             self._pending_state = dict(state_dict)
