@@ -22,6 +22,7 @@ from lightning_prune.compaction.compact import _network_of
 from lightning_prune.compaction.in_fit import parameter_sources, replace_network
 from lightning_prune.dependency import GATE_PLACEMENTS, DependencyGraph, build_dependency_graph
 from lightning_prune.dependency.graph import module_names
+from lightning_prune.distillation import Distiller
 from lightning_prune.distributed import broadcast_decision, mean_over_ranks
 from lightning_prune.errors import PruningConfigurationError, UnsupportedModelError, UnsupportedStrategyError
 from lightning_prune.importance import Criterion, GateGradients, get_criterion
@@ -78,6 +79,12 @@ class TaylorPruningCallback(Callback):
             version, the optimizer's parameters and state follow, and so does the DDP wrapper. Every later
             step costs what the compact network costs and computes what the masked one would. Checkpoints
             then hold the compact network; resuming from one compacts the new network before its weights load.
+        distill_weight: distil from the network as it was before pruning (frozen, in eval mode) while
+            pruning and fine-tuning: training follows the gradient of ``loss + distill_weight * T^2 *
+            KL(teacher || student)`` on the network's output logits (``T``: ``distill_temperature``). Your
+            ``training_step`` stays as it is (and logs its own loss); the network must be an attribute of the
+            LightningModule, as for ``compact_when_done``. 0 turns it off.
+        distill_temperature: the softmax temperature ``T`` of distillation.
         pruning_steps: spread pruning over this many optimizer steps (an ``int``, or a ``float`` in (0, 1]
             for a fraction of the fit's ``trainer.estimated_stepping_batches``) and reach the target at its
             last pruning step; the rest of the fit fine-tunes the pruned network. Each pruning step brings the
@@ -122,6 +129,8 @@ class TaylorPruningCallback(Callback):
         pruning_steps: int | float | None = None,
         schedule: Literal["cubic", "linear"] = "cubic",
         compact_when_done: bool = False,
+        distill_weight: float = 0.0,
+        distill_temperature: float = 4.0,
     ) -> None:
         super().__init__()
         _check(isinstance(prune_every_n_batches, int) and prune_every_n_batches >= 1,
@@ -146,6 +155,8 @@ class TaylorPruningCallback(Callback):
         _check(pruning_steps is None or (isinstance(pruning_steps, int) and pruning_steps >= 1)
                or (isinstance(pruning_steps, float) and 0 < pruning_steps <= 1),
                f"pruning_steps must be an int >= 1 or a float in (0, 1], got {pruning_steps!r}")  # fmt: skip
+        _check(distill_weight >= 0, f"distill_weight must be >= 0, got {distill_weight!r}")
+        _check(distill_temperature > 0, f"distill_temperature must be positive, got {distill_temperature!r}")
         _check(schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         _check(gate_gradient in ("auto", "hooks"), f"gate_gradient must be 'auto' or 'hooks', got {gate_gradient!r}")
         self.criterion = get_criterion(criterion, **(criterion_kwargs or {}))
@@ -175,8 +186,11 @@ class TaylorPruningCallback(Callback):
         self.pruning_steps = pruning_steps
         self.schedule = schedule
         self.compact_when_done = compact_when_done
+        self.distill_weight = distill_weight
+        self.distill_temperature = distill_temperature
+        self._distiller: Distiller | None = None
         self.compacted = False  # the network in the LightningModule is the compact one
-        self._network_path = ""  # where the network lives in the LightningModule (compact_when_done)
+        self._network_path = ""  # where the network lives in the LightningModule (compact_when_done, distillation)
         self._hook_wrapped = False
         self.compact_model: nn.Module | None = None
         self.compact_file: str | None = None
@@ -281,9 +295,11 @@ class TaylorPruningCallback(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.compacted:  # resumed after compact_when_done: pruning is over, nothing to trace
+        if self.compacted:  # compacted already (resumed, or fitting again): pruning is over, nothing to trace
+            self._attach_distiller(trainer, self.compact_model)
             return
         if self.graph is not None:  # fitting again with the same callback
+            self._attach_distiller(trainer, pl_module.get_submodule(self._network_path) if self._network_path else pl_module)
             if self._grads is not None and not self.done:
                 self._grads.detach()
                 self._grads.attach()
@@ -341,14 +357,17 @@ class TaylorPruningCallback(Callback):
             prune_residual=self.prune_residual,
             prefix=prefix,
         )
-        if self.compact_when_done:
+        if self.compact_when_done or self.distill_weight:
             self._network_path = name or _network_of(pl_module, list(graph.gates))[1].removesuffix(".")
             if not self._network_path:
                 raise PruningConfigurationError(
-                    "compact_when_done replaces the network inside the LightningModule, so it needs the network "
-                    f"in one attribute of {type(pl_module).__name__} (self.net = ...) holding every parameter, "
-                    "or module_name= naming it"
+                    "compact_when_done and distillation work on the network inside the LightningModule, so they "
+                    f"need it in one attribute of {type(pl_module).__name__} (self.net = ...) holding every "
+                    "parameter, or module_name= naming it"
                 )
+        if self.distill_weight:
+            self._distiller = Distiller(pl_module.get_submodule(self._network_path), self.distill_weight, self.distill_temperature)
+            self._attach_distiller(trainer, pl_module.get_submodule(self._network_path))
         self.criterion.setup(graph)
         self._selector = NeuronSelector(graph, self.min_channels)
         self._masks = NeuronMasks(graph)
@@ -369,6 +388,12 @@ class TaylorPruningCallback(Callback):
             self._grads.attach()
         self._last_step = trainer.global_step
         rank_zero_info(f"TaylorPruningCallback: {graph.describe()}; {self._describe_plan()} ({self.criterion.name}).")
+
+    def _attach_distiller(self, trainer: pl.Trainer, network: nn.Module) -> None:
+        """The distillation gradient on ``network``'s output, scaled like the loss' gradient (AMP scale,
+        accumulation)."""
+        if self._distiller is not None:
+            self._distiller.attach(network, lambda: _loss_scale(trainer) / trainer.accumulate_grad_batches)
 
     def _describe_plan(self) -> str:
         what = (f"down to {self.target_flops_ratio:g}x the FLOPs" if self.target_flops_ratio is not None
@@ -608,6 +633,7 @@ class TaylorPruningCallback(Callback):
         small = self.compact()
         replace_network(trainer, pl_module, self._network_path, small, sources)
         self.compacted, self.compact_model = True, small
+        self._attach_distiller(trainer, small)
         before, after = (sum(p.numel() for p in m.parameters()) for m in (masked, small))
         rank_zero_info(f"TaylorPruningCallback: training the compact network from here ({before:,} -> {after:,} parameters).")
 
@@ -616,6 +642,9 @@ class TaylorPruningCallback(Callback):
         state = checkpoint.get("callbacks", {}).get(self.state_key) or {}
         if not state.get("compacted") or self.compacted:
             return
+        if self.distill_weight and state.get("teacher") is not None:  # the new network is the teacher's shape
+            self._distiller = Distiller(pl_module.get_submodule(state["network_path"]), self.distill_weight, self.distill_temperature)
+            self._distiller.teacher.load_state_dict(state["teacher"])
         small = compact(pl_module, PruningMasks(state["compact_masks"], state["trace"]))
         parent, _, attr = state["network_path"].rpartition(".")
         setattr(pl_module.get_submodule(parent) if parent else pl_module, attr, small)
@@ -687,6 +716,8 @@ class TaylorPruningCallback(Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._distiller is not None:
+            self._distiller.detach()
         if self._hook_wrapped:  # the wrapper set in setup
             vars(pl_module).pop("on_load_checkpoint", None)
             self._hook_wrapped = False
@@ -721,6 +752,8 @@ class TaylorPruningCallback(Callback):
             "trace": self.masks.trace,
             "compacted": self.compacted,
             "network_path": self._network_path,
+            # the teacher is the network before pruning: a resumed run must not distil from a pruned one
+            "teacher": None if self._distiller is None else {k: v.cpu() for k, v in self._distiller.teacher.state_dict().items()},
         }
 
     @override
@@ -773,6 +806,8 @@ class TaylorPruningCallback(Callback):
         self._loss = None if state["loss"] is None else torch.tensor(state["loss"])
         self.history = [PruningRecord(**r) for r in state["history"]]
         self.criterion.load_state_dict(state["criterion"])
+        if self._distiller is not None and state.get("teacher") is not None:
+            self._distiller.teacher.load_state_dict(state["teacher"])
         self._masks.update(~self._alive)
         self._masks.zero_parameters()
 
