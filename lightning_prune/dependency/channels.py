@@ -5,11 +5,18 @@ allocate fresh nodes; channel-wise layers (BatchNorm, activations, pooling) pass
 residual additions tie the nodes of their operands one by one in a union-find. After tracing, one
 union-find class is one prunable neuron: removing it zeroes every channel that carries one of its nodes.
 Node id ``ZERO`` marks a channel that is structurally zero (the zero padding of option-A shortcuts).
+
+Removed channels are exactly zero in the masked network, and the compact network drops them. A few
+element-wise functions break this (``sigmoid(0) = 0.5``, ``x + 3``): their output is tagged
+``nonzero`` (its removed channels hold some finite value, not zero). Such a value is exact to drop only
+where it is multiplied by a tied value that *is* zero there (a squeeze-and-excitation gate times the
+features it gates). When it reaches any op whose rule does not say it handles such values
+(``OpRule.takes_nonzero``), its channels are blocked: never removed, it is then an ordinary value.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -18,11 +25,18 @@ ZERO = -1
 
 @dataclass(frozen=True)
 class ChannelTag:
-    """Node ids of one tensor's channels, and which dimension holds them."""
+    """Node ids of one tensor's channels, and which dimension holds them. ``nonzero``: None when the
+    removed channels are exactly zero, else the op that made them non-zero (``"sigmoid in layer1.se"``)."""
 
     nodes: torch.Tensor  # int64, one id per channel (or ZERO)
     dim: int
     ndim: int
+    nonzero: str | None = None
+
+    def moved(self, nodes: torch.Tensor | None = None, dim: int | None = None, ndim: int | None = None) -> ChannelTag:
+        """The same channels (and ``nonzero`` flag) with other node ids, channel dimension or rank."""
+        changes = {"nodes": nodes, "dim": dim, "ndim": ndim}
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
     @property
     def size(self) -> int:
@@ -43,6 +57,7 @@ class ChannelNodes:
         self.blocked: dict[int, str] = {}  # node -> first reason it can't be pruned
         self.residual: set[int] = set()  # nodes tied by an addition
         self.merged: dict[int, set[int]] = {}  # node -> nodes whose values were added into it
+        self.scaling: set[int] = set()  # nodes made non-zero where removed (they only scale other channels)
 
     def __len__(self) -> int:
         return len(self._parent)
@@ -53,6 +68,16 @@ class ChannelNodes:
         nodes = torch.arange(start, start + n, dtype=torch.long)
         if blocked is not None:
             self.block(nodes, blocked)
+        return nodes
+
+    def constants_for_zero(self, nodes: torch.Tensor, reason: str) -> torch.Tensor:
+        """``nodes`` after an op that turns structurally zero channels (``ZERO``) into constants (a bias, a
+        sigmoid): those get fresh nodes, blocked for ``reason``."""
+        zero = nodes == ZERO
+        if not zero.any():
+            return nodes
+        nodes = nodes.clone()
+        nodes[zero] = self.fresh(int(zero.sum()), reason)
         return nodes
 
     def find(self, x: int) -> int:

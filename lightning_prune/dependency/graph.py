@@ -78,12 +78,19 @@ class DependencyGraph:
     def num_prunable(self) -> int:
         return int(self.prunable.sum())
 
-    def describe(self) -> str:
+    def describe(self, causes: int = 10) -> str:
+        """A summary line, then one line per reason neurons are kept (the ``causes`` most frequent)."""
         tied = int((self.prunable & self.residual).sum())
-        return (
+        lines = [
             f"{len(self.gates)} gated layers, {self.num_prunable} prunable neurons "
             f"({tied} tied across layers by residual additions), {len(self.blocked)} neurons kept by rule"
-        )
+        ]
+        counts = Counter(self.blocked.values()).most_common()
+        lines += [f"  {count:,} neurons {reason}" for reason, count in counts[:causes]]
+        if len(counts) > causes:
+            rest = sum(count for _, count in counts[causes:])
+            lines.append(f"  and {len(counts) - causes} more causes ({rest:,} neurons)")
+        return "\n".join(lines)
 
 
 def build_dependency_graph(
@@ -113,9 +120,9 @@ def build_dependency_graph(
         if use.calls > 1:
             for tensor in (use.in_nodes, use.out_nodes):
                 if tensor is not None:
-                    nodes.block(tensor, f"{name} is called {use.calls} times")
+                    nodes.block(tensor, f"are read or written by {name}, called {use.calls} times")
         if use.out_nodes is not None and any(name == i or name.startswith(i + ".") for i in ignored):
-            nodes.block(use.out_nodes, f"{name} is ignored")
+            nodes.block(use.out_nodes, f"are written by the ignored module {name}")
 
     dense, num_neurons = nodes.classes()
 
@@ -219,8 +226,14 @@ def _is_channelwise(use: LayerUse) -> bool:
 
 def _gate_uses(layers: dict[str, LayerUse], placement: GatePlacement, nodes: ChannelNodes) -> dict[str, LayerUse]:
     """BatchNorm outputs, and Conv/Linear outputs that reach no BatchNorm, even through additions
-    (``after_bn``); every Conv/Linear output (``before_bn``)."""
-    creators = {n: u for n, u in layers.items() if u.creates and u.out_nodes is not None}
+    (``after_bn``); every Conv/Linear output (``before_bn``). Not the Conv/Linear outputs that only
+    scale other channels (the excitation of a squeeze-and-excitation block): their neurons are gated
+    where the channels they scale are."""
+    creators = {
+        n: u
+        for n, u in layers.items()
+        if u.creates and u.out_nodes is not None and not set(u.out_nodes.tolist()) <= nodes.scaling
+    }
     if placement == "before_bn":
         return creators
     norms = {

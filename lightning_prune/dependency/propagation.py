@@ -4,12 +4,15 @@ Each op is handled by its rule in :mod:`lightning_prune.ops`: channel-creating l
 channel-wise layers and ops (BatchNorm, activations, pooling: a removed channel stays exactly zero
 through them), ties (addition, multiplication of two traced tensors), re-indexing (concatenation,
 flatten, channel slicing and zero padding). An op without a rule blocks the channels that flow into it,
-so an unknown op can make pruning more conservative but never wrong.
+so an unknown op can make pruning more conservative but never wrong. A value whose removed channels are
+not zero (``ChannelTag.nonzero``, after a sigmoid) has its channels blocked when it reaches an op whose
+rule does not declare ``takes_nonzero``: the check is here, in :meth:`ChannelWalker.visit`, not in each
+rule.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -92,11 +95,19 @@ class ChannelWalker:
 
     def opaque(self, node: fx.Node, what: str | None = None) -> ChannelTag | None:
         """An op (``what``, by default its name) no rule handles: block everything flowing in, give the
-        output blocked nodes."""
-        reason = f"flows into unsupported op {what or self.op_name(node)} ({node.name})"
-        for tag in self.tags_in(node):
+        output blocked nodes (no channels at all when nothing traced flows in: a new or constant tensor)."""
+        reason = f"flow into unsupported op {what or self.op_name(node)} ({self.where(node)})"
+        tags = self.tags_in(node)
+        for tag in tags:
             self.nodes.block(tag.nodes, reason)
-        return self.fresh_for(node, reason)
+        return self.fresh_for(node, reason) if tags else None
+
+    def where(self, node: fx.Node) -> str:
+        """Where ``node`` runs: the module it calls, else the innermost module whose forward it is in."""
+        if node.op == "call_module":
+            return str(node.target)
+        stack = node.meta.get("nn_module_stack") or {}
+        return next(reversed(stack), "") or "the top-level forward"
 
     def op_name(self, node: fx.Node) -> str:
         if node.op == "call_module":
@@ -114,12 +125,35 @@ class ChannelWalker:
     # -- dispatch ----------------------------------------------------------------------------------------
     def visit(self, node: fx.Node) -> Any:
         if node.op == "placeholder":
-            return self.fresh_for(node, "network input")
+            return self.fresh_for(node, f"are the network input {node.name}")
         if node.op == "get_attr":
             return None
         if node.op == "output":
             for tag in self.tags_in(node):
-                self.nodes.block(tag.nodes, "network output")
+                self.nodes.block(tag.nodes, "reach the network output")
             return None
         rule = find_op_rule(node, self.modules)
-        return rule.propagate(self, node) if rule is not None else self.opaque(node)
+        if rule is None:
+            return self.opaque(node)
+        if not rule.takes_nonzero:
+            self.settle_nonzero(node)
+        return rule.propagate(self, node)
+
+    def settle_nonzero(self, node: fx.Node) -> None:
+        """Block the channels of every input of ``node`` whose removed channels are not zero: never
+        removed, they make it an ordinary value for this op (and the later ones)."""
+        for arg in node.all_input_nodes:
+            tag = self.env.get(arg)
+            if isinstance(tag, ChannelTag) and tag.nonzero:
+                reason = f"are the output of {tag.nonzero}, read by {self.op_name(node)} ({self.where(node)})"
+                self.nodes.block(tag.nodes, reason)
+                self.env[arg] = replace(tag, nonzero=None)
+
+    def made_nonzero(self, node: fx.Node, tag: ChannelTag, what: str) -> ChannelTag:
+        """``tag`` after ``what`` (``node``), an element-wise op that turns zero into a non-zero value:
+        the same nodes, marked ``nonzero``; structurally zero channels (``ZERO``) become blocked constants."""
+        reason = f"are constants that {what} ({self.where(node)}) makes of structurally zero channels"
+        nodes = self.nodes.constants_for_zero(tag.nodes, reason)
+        self.nodes.scaling.update(nodes.tolist())
+        return replace(tag, nodes=nodes, nonzero=f"{what} in {self.where(node)}")
+

@@ -1,9 +1,18 @@
-"""Element-wise ops: channel-wise ones (activations, pooling, dropout, copies) pass channels through;
-additions and products of two traced tensors whose channels meet one by one tie them."""
+"""Element-wise ops: channel-wise ones (activations, pooling, dropout, stochastic depth, copies) pass
+channels through; additions and products of two traced tensors whose channels meet one by one tie them.
+
+Gating (squeeze-and-excitation): ``x * sigmoid(fc2(act(fc1(pool(x)))))``. A sigmoid (or hardsigmoid,
+``x + 3``...) makes removed channels non-zero, so its output is tagged ``nonzero`` (see
+:mod:`lightning_prune.dependency.channels`); the product with ``x`` ties ``fc2``'s channels to ``x``'s
+and is zero at the removed ones again. Layer scale: a product with an untraced tensor broadcast per
+channel (a parameter ``gamma``, a per-sample DropPath mask) keeps the channels.
+"""
 
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +29,9 @@ _CHANNELWISE_MODULES = (
     nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
     nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
     nn.Upsample, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d,
+    # stochastic depth / DropPath: a random 0 or 1/(1-p) per sample; by import path, imported only by users
+    "torchvision.ops.stochastic_depth.StochasticDepth", "torchvision.ops.stochastic_depth.stochastic_depth",
+    "timm.layers.drop.DropPath", "timm.models.layers.drop.DropPath",
 )  # fmt: skip
 _CHANNELWISE_FUNCTIONS = (
     F.relu, torch.relu, F.relu_, torch.relu_, F.relu6, F.leaky_relu, F.elu, F.celu, F.selu, F.gelu, F.silu,
@@ -32,6 +44,10 @@ _CHANNELWISE_METHODS = (
     "relu", "relu_", "tanh", "tanh_", "contiguous", "clone", "float", "double", "half", "bfloat16", "to",
     "type_as", "cpu", "cuda", "detach",
 )  # fmt: skip
+_NONZERO_AT_ZERO = (
+    nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.LogSigmoid, torch.sigmoid, F.sigmoid, F.hardsigmoid, F.softplus,
+    F.logsigmoid, torch.exp, "sigmoid", "sigmoid_", "exp", "exp_",
+)  # fmt: skip
 _SUBTRACT = {operator.sub, operator.isub, torch.sub, "sub", "sub_"}
 _DIVIDE = {operator.truediv, operator.itruediv, torch.div, "div", "div_"}
 _OUT_OF_PLACE = {
@@ -43,12 +59,29 @@ _OUT_OF_PLACE = {
 @register_op_rule(*_CHANNELWISE_MODULES, *_CHANNELWISE_FUNCTIONS, *_CHANNELWISE_METHODS)
 class ChannelWise(OpRule):
     """A removed (zero) channel stays exactly zero through the op: channels pass through unchanged, and
-    the compact network runs the op on its compact tensor."""
+    the compact network runs the op on its compact tensor. Output channel c depends on input channel c
+    only, so a ``nonzero`` input stays ``nonzero``."""
+
+    takes_nonzero = True
 
     def propagate(self, walker, node):
         if node.op == "call_module" and len(node.args) != 1:
             return walker.opaque(node)
         return walker.value(node.args[0])
+
+
+@register_op_rule(*_NONZERO_AT_ZERO)
+class NonZeroAtZero(OpRule):
+    """An element-wise function with ``f(0) != 0`` (sigmoid, hardsigmoid, softplus, exp): channels pass
+    through, tagged ``nonzero``; only a product with a tied zero-preserving value may consume it."""
+
+    takes_nonzero = True
+
+    def propagate(self, walker, node):
+        x = walker.value(node.args[0]) if node.args else None
+        if not isinstance(x, ChannelTag) or (node.op == "call_module" and len(node.args) != 1):
+            return walker.opaque(node)
+        return walker.made_nonzero(node, x, walker.op_name(node))
 
 
 @register_op_rule(
@@ -65,6 +98,8 @@ class Add(OpRule):
             merged = torch.where(tags[0].nodes == ZERO, tags[1].nodes, tags[0].nodes)
             walker.nodes.record_merge(merged, torch.where(tags[0].nodes == ZERO, tags[0].nodes, tags[1].nodes))
             return ChannelTag(merged, tags[0].dim, tags[0].ndim)
+        if len(tags) == 1 and any(isinstance(a, (int, float)) for a in node.args[:2]):
+            return walker.made_nonzero(node, tags[0], "addition of a number")  # hard sigmoid: relu6(x + 3) / 6
         return walker.opaque(node, "addition of a constant or of broadcast channels")
 
     def compact(self, builder, node):
@@ -95,7 +130,11 @@ class Add(OpRule):
     operator.mul, operator.imul, torch.mul, operator.truediv, operator.itruediv, torch.div, "mul", "mul_", "div", "div_"
 )
 class Mul(OpRule):
-    """Scaling by a number keeps zeros; a product of two traced tensors ties their channels."""
+    """Scaling by a number, or by an untraced tensor broadcast into the traced one (layer scale, a
+    DropPath mask), keeps zeros; a product of two traced tensors ties their channels. A product of a
+    ``nonzero`` value (a sigmoid gate) with a zero-preserving one is zero at the removed channels."""
+
+    takes_nonzero = True
 
     def propagate(self, walker, node):
         operands = [walker.value(a) for a in node.args[:2]]
@@ -106,20 +145,74 @@ class Mul(OpRule):
             return tags[0]
         if len(tags) == 2 and tags[0].aligned(tags[1]) and not divides:
             walker.nodes.union(tags[0].nodes, tags[1].nodes)
+            return next((t for t in tags if not t.nonzero), tags[0])
+        if len(tags) == 1 and not divides and _scale_of(node, lambda a: isinstance(walker.value(a), ChannelTag)):
             return tags[0]
         return walker.opaque(node, "multiplication or division by a tensor")
 
     def compact(self, builder, node):
-        """A product of two traced tensors multiplies their kept channels; scaling runs as it is."""
-        found = _binary_tags(builder, node)
-        if found is None or node.target in _DIVIDE or len(node.args) != 2 or node.kwargs:
+        """A product of two traced tensors multiplies their kept channels; a scale per channel is sliced to
+        them; scaling by a number runs as it is."""
+        if node.target in _DIVIDE or len(node.args) != 2 or node.kwargs:
             return None
+        found = _binary_tags(builder, node)
+        if found is None:
+            return _compact_scale(builder, node)
         out, a, b = found
         if out.size != builder.tag(a).size or out.size != builder.tag(b).size:
             return None
         kept = builder.kept_positions(out)
         target = _OUT_OF_PLACE.get(node.target, node.target)
         return builder.copy(node, (builder.at(a, kept), builder.at(b, kept)), {}, target=target)
+
+
+def _scale_of(node: fx.Node, traced: Callable[[Any], bool]) -> tuple[fx.Node, fx.Node] | None:
+    """(traced operand, scale) of a product whose other operand is an untraced tensor broadcast into the
+    traced one without changing its shape (``x * gamma`` with ``gamma`` of shape ``(C, 1, 1)``, ``x * mask``)."""
+    args = node.args[:2]
+    for x, scale in (args, args[::-1]):
+        if traced(x) and isinstance(scale, fx.Node) and not traced(scale) and tensor_shape(scale) is not None:
+            return (x, scale) if tensor_shape(x) == tensor_shape(node) else None
+    return None
+
+
+def _compact_scale(builder, node: fx.Node) -> fx.Node | None:
+    """``x * scale`` with ``scale`` broadcast per channel: the scale at the kept channels (its parameter
+    sliced when this product is its only use), or as it is when it has one value for all channels."""
+    found = _scale_of(node, lambda a: builder.tag(a) is not None)
+    out = builder.tag(node)
+    if found is None or out is None:
+        return None
+    x, scale = found
+    shape = tensor_shape(scale)
+    dim = out.dim - (out.ndim - len(shape))
+    if dim < 0 or shape[dim] == 1 or _slice_attribute(builder, scale, dim, builder.kept[x]):
+        return builder.copy(node)
+    sliced = builder.gather(builder.env[scale], torch.arange(out.size), builder.kept[x], dim)
+    return builder.copy(node, tuple(sliced if a is scale else builder.env[a] for a in node.args), {})
+
+
+def _slice_attribute(builder, scale: fx.Node, dim: int, kept: torch.Tensor) -> bool:
+    """Slice the parameter or buffer a ``get_attr`` node reads in the compact model, when nothing else
+    reads it (no other node, no module called as a whole)."""
+    if scale.op != "get_attr" or len(scale.users) != 1:
+        return False
+    target = str(scale.target)
+    owner_name, _, attr = target.rpartition(".")
+    for other in builder.src.graph.nodes:
+        within = other.op == "call_module" and (owner_name + ".").startswith(str(other.target) + ".")
+        if within or (other.op == "get_attr" and other is not scale and other.target == target):
+            return False
+    owner = builder.root.get_submodule(owner_name)
+    value = getattr(owner, attr)
+    sliced = value.detach().index_select(dim, kept.to(value.device)).clone()
+    if isinstance(value, nn.Parameter):
+        setattr(owner, attr, nn.Parameter(sliced, requires_grad=value.requires_grad))
+    elif attr in owner._buffers:
+        owner._buffers[attr] = sliced
+    else:
+        setattr(owner, attr, sliced)
+    return True
 
 
 def _binary_tags(builder, node: fx.Node) -> tuple[ChannelTag, fx.Node, fx.Node] | None:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from lightning_prune.dependency.channels import ZERO, ChannelTag
+from lightning_prune.dependency.channels import ChannelTag
 from lightning_prune.ops.registry import OpRule, register_op_rule
 
 
@@ -28,9 +28,9 @@ class Conv(OpRule):
         if conv.groups == 1:
             out = _create(walker, use, name, conv.out_channels)
         elif conv.groups == conv.in_channels == conv.out_channels:
-            out = _nonzero_constant(walker, x.nodes, f"depthwise {name} sees a zero-padded channel")
+            out = walker.nodes.constants_for_zero(x.nodes, f"are constants that depthwise {name} makes of zero padding")
         else:
-            reason = f"grouped convolution {name} (groups={conv.groups})"
+            reason = f"flow into or out of grouped convolution {name} (groups={conv.groups})"
             walker.nodes.block(x.nodes, reason)
             out = walker.nodes.fresh(conv.out_channels, reason)
         use.out_nodes = out
@@ -93,7 +93,7 @@ class BatchNorm(OpRule):
         use = walker.use(name)
         if not isinstance(x, ChannelTag) or x.dim != 1:
             return walker.opaque(node, f"BatchNorm {name} on an untracked input")
-        out = _nonzero_constant(walker, x.nodes, f"BatchNorm {name} sees a zero-padded channel")
+        out = walker.nodes.constants_for_zero(x.nodes, f"are constants that BatchNorm {name} makes of zero padding")
         use.in_nodes = use.out_nodes = out
         return ChannelTag(out, 1, x.ndim)
 
@@ -121,16 +121,6 @@ def _create(walker, use, name: str, n: int) -> torch.Tensor:
     for ch, node in enumerate(out.tolist()):
         walker.result.creator[node] = (name, ch)
     return out
-
-
-def _nonzero_constant(walker, nodes: torch.Tensor, reason: str) -> torch.Tensor:
-    """A layer with a bias turns structurally-zero channels into constants: give them blocked nodes."""
-    zero = nodes == ZERO
-    if not zero.any():
-        return nodes
-    nodes = nodes.clone()
-    nodes[zero] = walker.nodes.fresh(int(zero.sum()), reason)
-    return nodes
 
 
 def _removed(builder, node: fx.Node, layer: nn.Module, channelwise: bool) -> fx.Node:

@@ -1,4 +1,5 @@
-"""The op-rule registry: one :class:`OpRule` per op, found by module type, function or method name."""
+"""The op-rule registry: one :class:`OpRule` per op, found by module type, function or method name, or by
+the import path of a module class or function (``"timm.layers.drop.DropPath"``, never imported here)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ if TYPE_CHECKING:
 _MODULES: dict[type[nn.Module], OpRule] = {}
 _FUNCTIONS: dict[Callable[..., Any], OpRule] = {}
 _METHODS: dict[str, OpRule] = {}
+_PATHS: dict[str, OpRule] = {}  # "package.module.Name" of a module class or function
 
 
 class OpRule:
@@ -24,7 +26,13 @@ class OpRule:
     is the safe answer for a case the rule does not handle. ``compact`` returns the op's node in the
     compact graph, holding the output's kept channels (``builder.kept_positions``), or None: the op then
     runs on full-width inputs (zeros at the removed channels), which is always exact.
+
+    ``takes_nonzero``: the rule handles inputs whose removed channels are not zero
+    (``ChannelTag.nonzero``, e.g. after a sigmoid) itself; for any other rule the walker first blocks the
+    channels of such inputs.
     """
+
+    takes_nonzero = False
 
     def propagate(self, walker: ChannelWalker, node: fx.Node) -> Any:
         raise NotImplementedError
@@ -59,9 +67,9 @@ def register_op_rule(*targets: type[nn.Module] | Callable[..., Any] | str, overr
 def find_op_rule(node: fx.Node, modules: Mapping[str, nn.Module]) -> OpRule | None:
     """The rule of the op ``node`` calls (``modules``: the traced module's submodules), or None."""
     if node.op == "call_module":
-        return next((_MODULES[c] for c in type(modules[str(node.target)]).__mro__ if c in _MODULES), None)
+        return next((rule for c in type(modules[str(node.target)]).__mro__ if (rule := _class_rule(c))), None)
     if node.op == "call_function":
-        return _FUNCTIONS.get(node.target)
+        return _FUNCTIONS.get(node.target) or _PATHS.get(_path(node.target))
     if node.op == "call_method":
         return _METHODS.get(node.target)
     return None
@@ -70,7 +78,15 @@ def find_op_rule(node: fx.Node, modules: Mapping[str, nn.Module]) -> OpRule | No
 def traced_as_one_op(module: nn.Module) -> bool:
     """Whether tracing keeps ``module`` as one op: a rule is registered for its class, or a base class of
     it, defined outside ``torch.nn`` (whose modules torch.fx keeps as leaves anyway)."""
-    return any(c in _MODULES and not c.__module__.startswith("torch.nn") for c in type(module).__mro__)
+    return any(_class_rule(c) and not c.__module__.startswith("torch.nn") for c in type(module).__mro__)
+
+
+def _class_rule(cls: type) -> OpRule | None:
+    return _MODULES.get(cls) or _PATHS.get(_path(cls))
+
+
+def _path(target: Any) -> str:
+    return f"{getattr(target, '__module__', '')}.{getattr(target, '__qualname__', '')}"
 
 
 def tensor_shape(node: Any) -> tuple[int, ...] | None:
@@ -82,7 +98,7 @@ def tensor_shape(node: Any) -> tuple[int, ...] | None:
 
 def _table(target: Any) -> dict[Any, OpRule]:
     if isinstance(target, str):
-        return _METHODS
+        return _PATHS if "." in target else _METHODS
     if isinstance(target, type) and issubclass(target, nn.Module):
         return _MODULES
     if callable(target):
@@ -92,5 +108,5 @@ def _table(target: Any) -> dict[Any, OpRule]:
 
 def _name(target: Any) -> str:
     if isinstance(target, str):
-        return f"method .{target}()"
+        return target if "." in target else f"method .{target}()"
     return getattr(target, "__name__", repr(target))

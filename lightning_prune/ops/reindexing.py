@@ -1,4 +1,6 @@
-"""Ops that move channels around: flatten, reshape, reductions, concatenation, zero padding, slicing."""
+"""Ops that move channels around: flatten, reshape, expand, unsqueeze, reductions, concatenation, zero
+padding, slicing. Those that only move values (flatten, reshape, expand, unsqueeze) keep a ``nonzero``
+tag (a sigmoid gate reshaped to ``(B, C, 1, 1)`` before its product)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ from lightning_prune.ops.registry import OpRule, register_op_rule, tensor_shape
 class Flatten(OpRule):
     """Flattening the channels with the dimensions after them repeats each channel's node over its positions."""
 
+    takes_nonzero = True
+
     def propagate(self, walker, node):
         x = walker.value(node.args[0]) if node.args else None
         if node.op == "call_module":
@@ -29,11 +33,11 @@ class Flatten(OpRule):
             return walker.opaque(node, "flatten")
         start, end = int(start) % x.ndim, int(end) % x.ndim
         if x.dim < start:
-            return ChannelTag(x.nodes, x.dim, x.ndim - (end - start))
+            return x.moved(ndim=x.ndim - (end - start))
         if x.dim == start == 1:
             in_shape = tensor_shape(node.args[0])
             inner = math.prod(in_shape[2 : end + 1]) if in_shape is not None else 1
-            return ChannelTag(x.nodes.repeat_interleave(inner), 1, x.ndim - (end - start))
+            return x.moved(x.nodes.repeat_interleave(inner), 1, x.ndim - (end - start))
         return walker.opaque(node, "flatten across the channel dimension")
 
 
@@ -42,15 +46,17 @@ class Reshape(OpRule):
     """A reshape that keeps the batch and channel dimensions, or flattens everything after the batch one;
     in the compact network its channel count is rewritten."""
 
+    takes_nonzero = True
+
     def propagate(self, walker, node):
         x = walker.value(node.args[0])
         in_shape, out_shape = tensor_shape(node.args[0]), tensor_shape(node)
         if not isinstance(x, ChannelTag) or in_shape is None or out_shape is None or x.dim != 1:
             return walker.opaque(node, f".{node.target}()")
         if len(out_shape) >= 2 and out_shape[:2] == in_shape[:2]:
-            return ChannelTag(x.nodes, 1, len(out_shape))
+            return x.moved(ndim=len(out_shape))
         if len(out_shape) == 2 and out_shape[0] == in_shape[0] and out_shape[1] == math.prod(in_shape[1:]):
-            return ChannelTag(x.nodes.repeat_interleave(math.prod(in_shape[2:])), 1, 2)
+            return x.moved(x.nodes.repeat_interleave(math.prod(in_shape[2:])), 1, 2)
         return walker.opaque(node, f".{node.target}() across the channel dimension")
 
     def compact(self, builder, node):
@@ -76,6 +82,52 @@ class Reshape(OpRule):
                 return None
             sizes[1] = width
         return builder.copy(node, (builder.env[x], *sizes), {})
+
+
+@register_op_rule("expand", "expand_as")
+class Expand(OpRule):
+    """Broadcasting to a larger shape (``scale.expand_as(x)``): the channels move to the same dimension
+    counted from the right; the compact network expands to its own channel count."""
+
+    takes_nonzero = True
+
+    def propagate(self, walker, node):
+        x, out_shape = walker.value(node.args[0]), tensor_shape(node)
+        if not isinstance(x, ChannelTag) or out_shape is None:
+            return walker.opaque(node, f".{node.target}()")
+        dim = x.dim + len(out_shape) - x.ndim
+        if out_shape[dim] != x.size:
+            return walker.opaque(node, f".{node.target}() of the channel dimension")
+        return x.moved(dim=dim, ndim=len(out_shape))
+
+    def compact(self, builder, node):
+        out, x = builder.tag(node), node.args[0]
+        if out is None or builder.tag(x) is None or node.kwargs:
+            return None
+        if node.target == "expand_as":
+            other = builder.tag(node.args[1])
+            if other is None or other.dim != out.dim or other.size != out.size:
+                return None
+            return builder.copy(node, (builder.env[x], builder.at(node.args[1], builder.kept[x])), {})
+        sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+        sizes = list(builder.map_args(tuple(sizes)))
+        sizes[out.dim] = -1  # keep the compact channel count
+        return builder.copy(node, (builder.env[x], *sizes), {})
+
+
+@register_op_rule(torch.unsqueeze, "unsqueeze")
+class Unsqueeze(OpRule):
+    """A new dimension of size 1: the channels move one dimension right when it is inserted before them."""
+
+    takes_nonzero = True
+
+    def propagate(self, walker, node):
+        x = walker.value(node.args[0])
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+        if not isinstance(x, ChannelTag) or not isinstance(dim, int):
+            return walker.opaque(node, "unsqueeze")
+        dim %= x.ndim + 1
+        return x.moved(dim=x.dim + (dim <= x.dim), ndim=x.ndim + 1)
 
 
 @register_op_rule(torch.mean, torch.sum, torch.amax, "mean", "sum", "amax")

@@ -1,4 +1,5 @@
-"""Shape queries (``x.size()``, ``x.shape``, ``x.dim()``, ``x.numel()``): values without channels."""
+"""Shape queries (``x.size()``, ``x.shape``, ``x.dim()``, ``x.numel()``) and new tensors
+(``x.new_empty(shape)``): values without channels."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ class ShapeQuery(OpRule):
     """No channels. The compact network answers with the full-width tensor's shape, as the original code
     expects it, unless the query cannot see the channel count (the size of another dimension, an
     attribute other than ``shape``)."""
+
+    takes_nonzero = True  # reads no values
 
     def propagate(self, walker, node):
         return None
@@ -26,3 +29,17 @@ class ShapeQuery(OpRule):
         else:
             sees_width = True
         return None if sees_width else builder.copy(node)
+
+
+@register_op_rule("new_empty", "new_zeros", "new_ones", "new_full")
+class NewTensor(OpRule):
+    """A new tensor of the dtype and device of a traced one (DropPath's random mask): no channels, none
+    of the traced tensor's values read."""
+
+    takes_nonzero = True
+
+    def propagate(self, walker, node):
+        return None
+
+    def compact(self, builder, node):
+        return builder.copy(node)
