@@ -8,6 +8,7 @@ from lightning_prune.errors import PruningConfigurationError, UnsupportedModelEr
 from lightning_prune.importance import Criterion, ImportanceScores, available_criteria, get_criterion, register_criterion
 from lightning_prune.importance import estimate_importance, prune_once
 from lightning_prune.ops import OpRule, register_op_rule
+from lightning_prune.recalibration import recalibrate_batchnorm
 
 __version__ = "0.1.0"
 
@@ -31,6 +32,7 @@ __all__ = [
     "load_compact",
     "optimize_for_inference",
     "prune_once",
+    "recalibrate_batchnorm",
     "register_criterion",
     "register_op_rule",
     "save_compact",

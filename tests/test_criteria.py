@@ -484,3 +484,126 @@ def test_a_user_criterion_registered_with_the_decorator_drives_the_callback(monk
     flat = sorted((float(v), name, c) for name in GATED for c, v in enumerate(scores[name]))
     removed = {("model." + name, c) for _, name, c in flat[:3]}
     assert {(n, c) for n, m in cb.masks.items() for c in torch.nonzero(~m).flatten().tolist()} == removed
+
+
+class _TwoLinear(nn.Module):
+    """Linear(2, 3) -> ReLU -> Linear(3, 1): the hidden features are the only prunable neurons."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(2, 3, bias=False)
+        self.fc2 = nn.Linear(3, 1, bias=False)
+        with torch.no_grad():
+            self.fc1.weight.copy_(torch.tensor([[1.0, 2.0], [0.0, -3.0], [1.0, 1.0]]))
+            self.fc2.weight.copy_(torch.tensor([[2.0, -1.0, 0.0]]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+@pytest.mark.parametrize(
+    "kwargs, expected",
+    [  # hidden feature j: writer row fc1.weight[j], reader column fc2.weight[:, j]
+        ({"p": 2, "reduction": "sum", "normalize": None}, [5 + 4, 9 + 1, 2 + 0]),
+        ({"p": 1, "reduction": "sum", "normalize": None}, [3 + 2, 3 + 1, 2 + 0]),
+        ({"p": 2, "reduction": "mean", "normalize": None}, [4.5, 5.0, 1.0]),
+        ({}, [4.5 / 3.5, 5.0 / 3.5, 1.0 / 3.5]),  # the defaults: p=2, mean over layers, over the group
+    ],
+)
+def test_group_magnitude_values_by_hand(kwargs, expected):
+    scores = estimate_importance(_TwoLinear(), [torch.zeros(1, 2)], "group_magnitude", criterion_kwargs=kwargs)
+    assert torch.allclose(scores.gates["fc1"].double(), torch.tensor(expected, dtype=torch.float64))
+
+
+class _ConvBNNet(nn.Module):
+    """conv(bias)-bn-relu, conv-bn-relu, 2x2 pooling flattened into a Linear (4 features per channel)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 3, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(3)
+        self.conv2 = nn.Conv2d(3, 4, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(16, 2)
+        for bn in (self.bn1, self.bn2):
+            nn.init.normal_(bn.weight)
+            nn.init.normal_(bn.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 2), 1))
+
+
+def _per_channel_layers(model: _ConvBNNet, p: float, bias: bool) -> dict[str, list[list[float]]]:
+    """Per gated layer, per channel, ``sum |w|^p`` of each layer the channel touches, written out by hand."""
+
+    def s(t):
+        return float(t.detach().abs().pow(p).sum())
+
+    bn1 = [[s(model.conv1.weight[c]) + (s(model.conv1.bias[c]) if bias else 0),
+            s(model.bn1.weight[c]) + (s(model.bn1.bias[c]) if bias else 0),
+            s(model.conv2.weight[:, c])] for c in range(3)]  # fmt: skip
+    bn2 = [[s(model.conv2.weight[c]),
+            s(model.bn2.weight[c]) + (s(model.bn2.bias[c]) if bias else 0),
+            s(model.fc.weight[:, 4 * c : 4 * c + 4])] for c in range(4)]  # fmt: skip
+    return {"bn1": bn1, "bn2": bn2}
+
+
+@pytest.mark.parametrize("p, bias", [(2, False), (1, True)])
+def test_group_magnitude_sums_writer_rows_and_reader_columns(p, bias):
+    torch.manual_seed(0)
+    model = _ConvBNNet().eval()
+    layers = _per_channel_layers(model, p, bias)
+    for reduction, normalize in [("sum", None), ("mean", "mean")]:
+        kwargs = {"p": p, "reduction": reduction, "normalize": normalize, "bias": bias}
+        scores = estimate_importance(model, [torch.zeros(1, 2, 8, 8)], "group_magnitude", criterion_kwargs=kwargs)
+        for name, channels in layers.items():
+            expected = torch.tensor([sum(c) / (1 if reduction == "sum" else len(c)) for c in channels])
+            if normalize == "mean":
+                expected = expected / expected.mean()
+            assert torch.allclose(scores.gates[name], expected.float(), rtol=1e-5), (name, kwargs)
+
+
+def test_group_magnitude_sums_tied_residual_channels_over_every_layer():
+    torch.manual_seed(0)
+    model = SmallResNet(width=4).eval()
+    scores = estimate_importance(model, [torch.zeros(1, 3, 16, 16)], "group_magnitude",
+                                 criterion_kwargs={"reduction": "sum", "normalize": None})  # fmt: skip
+    m = dict(model.named_modules())
+    writers = ["stem.0", "stem.1", "block1.conv2", "block1.bn2", "block2.conv2", "block2.bn2"]
+    readers = ["block1.conv1", "block2.conv1", "block3.conv1", "block3.proj.0"]
+    graph = scores.graph
+    for c in range(4):
+        neuron = int(graph.gates["stem.1"].neurons[c])
+        assert graph.residual[neuron]
+        expected = sum(float(m[w].weight[c].detach().square().sum()) for w in writers)
+        expected += sum(float(m[r].weight[:, c].detach().square().sum()) for r in readers)
+        assert scores.neurons[neuron].item() == pytest.approx(expected, rel=1e-5)
+    mean = estimate_importance(model, [torch.zeros(1, 3, 16, 16)], "group_magnitude",
+                               criterion_kwargs={"reduction": "mean", "normalize": None})  # fmt: skip
+    tied = graph.gates["stem.1"].neurons
+    assert torch.allclose(mean.neurons[tied] * 10, scores.neurons[tied], rtol=1e-6)
+
+
+def test_group_magnitude_normalises_over_the_neurons_not_yet_removed():
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    scores = estimate_importance(model, _data(), "group_magnitude")
+    alive = alive_from_masks(scores.graph, prune_once(model, scores, num=6))
+    again = estimate_importance(model, _data(), "group_magnitude")
+    pruned_layers = 0
+    for name, gate in again.graph.gates.items():  # every gated layer of SmallCNN is its own group
+        kept = alive[gate.neurons]
+        assert again.gates[name][kept].mean().item() == pytest.approx(1.0, rel=1e-5), name
+        if not kept.all():  # a removed neuron still has reader columns, yet does not count in the mean
+            pruned_layers += 1
+            assert (again.gates[name][~kept] > 0).all()
+            assert again.gates[name].mean().item() != pytest.approx(1.0, rel=1e-3)
+    assert pruned_layers > 0
+
+
+def test_group_magnitude_is_registered_and_checks_its_arguments():
+    assert "group_magnitude" in available_criteria()
+    for bad in ({"reduction": "max"}, {"normalize": "gaussian"}, {"p": 0}):
+        with pytest.raises(PruningConfigurationError, match="group_magnitude"):
+            get_criterion("group_magnitude", **bad)

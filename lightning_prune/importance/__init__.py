@@ -2,6 +2,7 @@
 
 from lightning_prune.importance import baselines, taylor  # noqa: F401  (registers the built-in criteria)
 from lightning_prune.importance import activation, label_free, second_order, weight_taylor  # noqa: F401  (more criteria)
+from lightning_prune.importance import group_magnitude  # noqa: F401  (registers group_magnitude)
 from lightning_prune.importance.estimate import ImportanceScores, apply_alive, estimate_importance, prune_once
 from lightning_prune.importance.base import Criterion
 from lightning_prune.importance.gate_gradients import GateGradients, parameter_gate_gradient
