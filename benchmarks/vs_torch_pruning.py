@@ -47,7 +47,7 @@ from lightning_prune import prune_once, recalibrate_batchnorm
 from lightning_prune.app.lightning_module import ClassificationModule
 from lightning_prune.data import cifar10_jpeg_archive, load_cifar10_jpeg_subset, shared_data_dir
 from lightning_prune.models import cifar_resnet56
-from lightning_prune.pruner import CostModel, NeuronSelector
+from lightning_prune.pruner import CostModel, NeuronSelector, fewest_reaching
 
 RESULTS = Path(__file__).resolve().parent / "results" / "vs_torch_pruning.json"
 ROWS = {"none": 0, "ft160": 160, "ft1500": 1500}
@@ -181,35 +181,21 @@ def tp_rows(methods: list[str], target: float, batches, test, recalibrate: bool)
         seconds = time.perf_counter() - start
         rows.append(row("torch-pruning", method, target, ratio, 0, top1(model, test), seconds))
         if recalibrate:
-            start = time.perf_counter()
-            recalibrate_batchnorm(model, batches)
-            seconds += time.perf_counter() - start
-            rows.append(row("torch-pruning", method + " + bn recalibration (ours)", target, ratio, 0,
-                            top1(model, test), seconds))  # fmt: skip
+            rows.append(recalibrated_row("torch-pruning", method + " + bn recalibration (ours)", model, batches,
+                                         test, target, ratio, seconds))  # fmt: skip
     return rows
 
 
+def recalibrated_row(tool: str, method: str, model: nn.Module, batches, test, target: float, ratio: float,
+                     seconds: float) -> dict:  # fmt: skip
+    """The row of ``model`` after BatchNorm recalibration on ``batches`` (its time added to ``seconds``)."""
+    start = time.perf_counter()
+    recalibrate_batchnorm(model, batches)
+    seconds += time.perf_counter() - start
+    return row(tool, method, target, ratio, 0, top1(model, test), seconds)
+
+
 # ----------------------------------------------------------------------------- ours
-def fewest_reaching(cost: CostModel, selector: NeuronSelector, scores, alive, goal: float, most: int) -> int:
-    """The fewest (at most ``most``) lowest-scoring alive neurons whose removal brings FLOPs to ``goal``."""
-
-    def after(count: int) -> float:
-        left = alive.clone()
-        left[selector.select(scores, alive, count)] = False
-        return cost.flops(left)
-
-    low, high = 0, most
-    if after(high) > goal:
-        return high
-    while low < high:
-        mid = (low + high) // 2
-        if after(mid) <= goal:
-            high = mid
-        else:
-            low = mid + 1
-    return low
-
-
 def ours_prune(criterion: str, target: float, batches, step: float | None, recalibrate: bool,
                kwargs: dict[str, Any] | None = None, prune_residual: bool = True) -> nn.Module:  # fmt: skip
     """The compacted network: one shot (``step`` None) or ``step`` of the prunable neurons at a time,
@@ -223,10 +209,16 @@ def ours_prune(criterion: str, target: float, batches, step: float | None, recal
         scores = estimate_importance(model, batches, criterion, graph=graph, criterion_kwargs=kwargs, alive=alive)
         values = torch.nan_to_num(scores.neurons, nan=float("inf"))
         most = graph.num_prunable if step is None else max(1, round(step * graph.num_prunable))
-        count = fewest_reaching(cost, selector, values, alive, goal, most)
-        if count == 0:
+        chosen = selector.select(values, alive, most)
+        if chosen.numel() == 0:
             break
-        masks = prune_once(model, scores, num=count, alive=alive)
+
+        def flops_after(count: int) -> float:
+            left = alive.clone()
+            left[chosen[:count]] = False
+            return cost.flops(left)
+
+        masks = prune_once(model, scores, num=fewest_reaching(flops_after, chosen.numel(), goal), alive=alive)
         alive = graph.alive_from_masks(masks)
         if recalibrate:
             recalibrate_batchnorm(model, batches)
@@ -256,11 +248,8 @@ def our_rows(methods: list[str], target: float, batches, test, base_flops: float
             name = method + (" + bn recalibration" if recalibrate else "")
             rows.append(row("lightning-prune", name, target, ratio, 0, top1(model, test), seconds))
             if step is None:  # one shot: recalibrate the same pruned network
-                start = time.perf_counter()
-                recalibrate_batchnorm(model, batches)
-                seconds += time.perf_counter() - start
-                rows.append(row("lightning-prune", method + " + bn recalibration", target, ratio, 0,
-                                top1(model, test), seconds))  # fmt: skip
+                rows.append(recalibrated_row("lightning-prune", method + " + bn recalibration", model, batches,
+                                             test, target, ratio, seconds))  # fmt: skip
     return rows
 
 

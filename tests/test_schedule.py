@@ -9,6 +9,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_prune import PruningConfigurationError, TaylorPruningCallback
 from lightning_prune.callbacks.taylor_pruning import schedule_share
+from lightning_prune.pruner import fewest_reaching
 
 X16 = torch.randn(2, 3, 16, 16)
 
@@ -26,6 +27,13 @@ def _fit(cb, width: int = 8, ckpt_path=None, checkpoint=None, **kwargs):
 def test_schedule_shares():
     assert [schedule_share("cubic", i, 4) for i in range(1, 6)] == [0.578125, 0.875, 0.984375, 1.0, 1.0]
     assert [schedule_share("linear", i, 4) for i in range(1, 6)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("budget", [100.0, 73.0, 50.5, 12.0, 3.0, -1.0])
+def test_fewest_reaching_is_the_smallest_count_under_the_budget(budget):
+    costs = [100.0, 90.0, 90.0, 74.0, 60.0, 50.0, 12.0, 11.0, 3.0]  # cost after k removals, k = 0..8
+    expected = next((k for k in range(1, 9) if costs[k] <= budget), 8)
+    assert fewest_reaching(costs.__getitem__, 8, budget) == expected
 
 
 def test_pruning_steps_spread_the_target_over_the_window_then_fine_tune():

@@ -19,14 +19,14 @@ from typing_extensions import override
 
 from lightning_prune.compaction import PruningMasks, compact, masks_from_alive, round_alive, save_compact
 from lightning_prune.compaction.compact import _network_of
-from lightning_prune.compaction.in_fit import parameter_sources, replace_network
+from lightning_prune.compaction.in_fit import parameter_sources, put_network, replace_network
 from lightning_prune.dependency import GATE_PLACEMENTS, DependencyGraph, build_dependency_graph
 from lightning_prune.dependency.graph import module_names
 from lightning_prune.distillation import Distiller
 from lightning_prune.distributed import broadcast_decision, mean_over_ranks
 from lightning_prune.errors import PruningConfigurationError, UnsupportedModelError, UnsupportedStrategyError
 from lightning_prune.importance import Criterion, GateGradients, get_criterion
-from lightning_prune.pruner import CostModel, NeuronMasks, NeuronSelector, neuron_scores, reset_optimizer_state
+from lightning_prune.pruner import CostModel, NeuronMasks, NeuronSelector, fewest_reaching, neuron_scores, reset_optimizer_state
 from lightning_prune.pruner.history import PruningRecord, write_history
 
 _UNSUPPORTED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
@@ -366,8 +366,9 @@ class TaylorPruningCallback(Callback):
                     "parameter, or module_name= naming it"
                 )
         if self.distill_weight:
-            self._distiller = Distiller(pl_module.get_submodule(self._network_path), self.distill_weight, self.distill_temperature)
-            self._attach_distiller(trainer, pl_module.get_submodule(self._network_path))
+            student = pl_module.get_submodule(self._network_path)
+            self._distiller = Distiller(student, self.distill_weight, self.distill_temperature)
+            self._attach_distiller(trainer, student)
         self.criterion.setup(graph)
         self._selector = NeuronSelector(graph, self.min_channels)
         self._masks = NeuronMasks(graph)
@@ -387,7 +388,9 @@ class TaylorPruningCallback(Callback):
             )
             self._grads.attach()
         self._last_step = trainer.global_step
-        rank_zero_info(f"TaylorPruningCallback: {graph.describe()}; {self._describe_plan()} ({self.criterion.name}).")
+        summary, _, causes = graph.describe().partition("\n")  # then why neurons are kept, one line per cause
+        plan = f"{self._describe_plan()} ({self.criterion.name})"
+        rank_zero_info(f"TaylorPruningCallback: {summary}; {plan}.\n{causes}".rstrip())
 
     def _attach_distiller(self, trainer: pl.Trainer, network: nn.Module) -> None:
         """The distillation gradient on ``network``'s output, scaled like the loss' gradient (AMP scale,
@@ -541,8 +544,7 @@ class TaylorPruningCallback(Callback):
 
     def _trim_to_flops_target(self, chosen: torch.Tensor, ratio: float | None) -> torch.Tensor:
         """The shortest prefix of ``chosen`` (lowest scores first) that brings the FLOPs down to ``ratio`` of
-        the initial FLOPs, or all of it: the target is met, not overshot by the rest of a step (binary
-        search, FLOPs fall as neurons go)."""
+        the initial FLOPs, or all of it: the target is met, not overshot by the rest of a step."""
         if ratio is None or not self.initial_flops or chosen.numel() <= 1:
             return chosen
         budget = ratio * self.initial_flops
@@ -556,13 +558,7 @@ class TaylorPruningCallback(Callback):
                 alive = round_alive(self.graph, alive, self.compact_round_to, priority)
             return self._cost.flops(alive)
 
-        if flops(chosen.numel()) > budget:
-            return chosen
-        low, high = 1, chosen.numel()  # flops(high) <= budget
-        while low < high:
-            middle = (low + high) // 2
-            low, high = (low, middle) if flops(middle) <= budget else (middle + 1, high)
-        return chosen[:high]
+        return chosen[: fewest_reaching(flops, chosen.numel(), budget)]
 
     def _remove(self, trainer: pl.Trainer, chosen: torch.Tensor, loss: float | None) -> None:
         assert self.graph is not None and self._alive is not None
@@ -646,8 +642,7 @@ class TaylorPruningCallback(Callback):
             self._distiller = Distiller(pl_module.get_submodule(state["network_path"]), self.distill_weight, self.distill_temperature)
             self._distiller.teacher.load_state_dict(state["teacher"])
         small = compact(pl_module, PruningMasks(state["compact_masks"], state["trace"]))
-        parent, _, attr = state["network_path"].rpartition(".")
-        setattr(pl_module.get_submodule(parent) if parent else pl_module, attr, small)
+        put_network(pl_module, state["network_path"], small)
         self.compacted, self.compact_model, self._network_path = True, small, state["network_path"]
 
     # -- logging ---------------------------------------------------------------------------------------------

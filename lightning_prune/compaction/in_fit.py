@@ -51,12 +51,17 @@ def replace_network(
     for optimizer in trainer.optimizers:
         for group in optimizer.param_groups:
             group["params"] = list(_moved(optimizer, group["params"], names, new, sources))
-    parent, _, attr = path.rpartition(".")
-    setattr(pl_module.get_submodule(parent) if parent else pl_module, attr, small)
+    put_network(pl_module, path, small)
     strategy = trainer.strategy
     if isinstance(strategy, DDPStrategy) and trainer.world_size > 1:
         strategy.model = pl_module  # DDP holds the old parameters: wrap the module again, on every rank
         strategy.configure_ddp()
+
+
+def put_network(pl_module: nn.Module, path: str, network: nn.Module) -> None:
+    """Set ``pl_module``'s submodule at the dotted ``path`` to ``network``."""
+    parent, _, attr = path.rpartition(".")
+    setattr(pl_module.get_submodule(parent) if parent else pl_module, attr, network)
 
 
 def _moved(

@@ -2,6 +2,6 @@
 
 from lightning_prune.pruner.cost import CostModel
 from lightning_prune.pruner.masking import NeuronMasks, reset_optimizer_state
-from lightning_prune.pruner.selection import NeuronSelector, neuron_scores
+from lightning_prune.pruner.selection import NeuronSelector, fewest_reaching, neuron_scores
 
-__all__ = ["CostModel", "NeuronMasks", "NeuronSelector", "neuron_scores", "reset_optimizer_state"]
+__all__ = ["CostModel", "NeuronMasks", "NeuronSelector", "fewest_reaching", "neuron_scores", "reset_optimizer_state"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from lightning_prune.dependency import DependencyGraph
@@ -52,3 +54,15 @@ class NeuronSelector:
     def max_removable(self, alive: torch.Tensor) -> int:
         """How many neurons can be removed at most from ``alive`` under the per-layer floor."""
         return len(self.select(torch.zeros(self.graph.num_neurons), alive, self.graph.num_neurons))
+
+
+def fewest_reaching(cost_after: Callable[[int], float], most: int, budget: float) -> int:
+    """The fewest removals ``k`` in ``[1, most]`` with ``cost_after(k) <= budget`` (``most`` if none does):
+    a binary search, since the cost of the network falls as more of the lowest-scoring neurons go."""
+    if most <= 1 or cost_after(most) > budget:
+        return most
+    low, high = 1, most  # cost_after(high) <= budget
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (low, middle) if cost_after(middle) <= budget else (middle + 1, high)
+    return high
