@@ -14,10 +14,11 @@ The traced graph is copied node by node, each op rewritten by the ``compact`` ha
   zero-padded one, is filled with zeros first).
 * Additions and products tying channels: every operand is brought to the output's kept channels
   (``index_add`` where one operand already has them, a zero-filled gather otherwise).
-* Channel concatenation (DenseNet), flatten before a Linear and other channel-wise ops (activations,
-  pooling, scaling by a number) work on the compact tensors as they are.
+* Channel concatenation (DenseNet), flatten before a Linear, ``permute``/``transpose`` (channels-last
+  blocks) and other channel-wise ops (activations, pooling, scaling by a number) work on the compact
+  tensors as they are.
 * Channel zero-padding (option-A shortcuts) and channel slicing become gathers of the kept channels.
-* ``view``/``reshape`` get their channel count rewritten.
+* ``view``/``reshape`` get the size of their channel dimension rewritten.
 * Anything else (an op without a rule or that its rule declines, a module called twice, a grouped
   convolution, the network's outputs) gets its inputs rebuilt at full width, zeros at the removed
   channels, so the result is exact whatever the op does.

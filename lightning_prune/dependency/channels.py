@@ -55,6 +55,7 @@ class ChannelNodes:
     def __init__(self) -> None:
         self._parent: list[int] = []
         self.blocked: dict[int, str] = {}  # node -> first reason it can't be pruned
+        self.causes: dict[str, list[int]] = {}  # reason -> every node it blocks (a node may have several)
         self.residual: set[int] = set()  # nodes tied by an addition
         self.merged: dict[int, set[int]] = {}  # node -> nodes whose values were added into it
         self.scaling: set[int] = set()  # nodes made non-zero where removed (they only scale other channels)
@@ -116,9 +117,10 @@ class ChannelNodes:
         return found
 
     def block(self, nodes: torch.Tensor, reason: str) -> None:
-        for x in nodes.tolist():
-            if x != ZERO:
-                self.blocked.setdefault(x, reason)
+        ids = [x for x in nodes.tolist() if x != ZERO]
+        for x in ids:
+            self.blocked.setdefault(x, reason)
+        self.causes.setdefault(reason, []).extend(ids)
 
     def classes(self) -> tuple[torch.Tensor, int]:
         """Dense class id for every node (0..K-1), and K."""

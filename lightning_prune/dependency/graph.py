@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -65,6 +65,7 @@ class DependencyGraph:
     traced: fx.GraphModule  # the traced network (names without ``prefix``)
     channel_neurons: dict[fx.Node, Any]  # fx node -> ChannelTag of raw nodes, see ``neuron_of_node``
     neuron_of_node: torch.Tensor  # raw channel node id -> neuron id
+    causes: dict[str, int] = field(default_factory=dict)  # reason -> neurons it keeps (``blocked``: the first)
 
     def alive_from_masks(self, masks: dict[str, torch.Tensor]) -> torch.Tensor:
         """Bool per neuron, False for every neuron some gate mask marks as removed."""
@@ -79,13 +80,15 @@ class DependencyGraph:
         return int(self.prunable.sum())
 
     def describe(self, causes: int = 10) -> str:
-        """A summary line, then one line per reason neurons are kept (the ``causes`` most frequent)."""
+        """A summary line, then one line per reason neurons are kept (the ``causes`` most frequent): a neuron
+        kept for several reasons (flowing into every LayerNorm of a transformer's residual stream) is
+        counted under each."""
         tied = int((self.prunable & self.residual).sum())
         lines = [
             f"{len(self.gates)} gated layers, {self.num_prunable} prunable neurons "
             f"({tied} tied across layers by residual additions), {len(self.blocked)} neurons kept by rule"
         ]
-        counts = Counter(self.blocked.values()).most_common()
+        counts = Counter(self.causes).most_common()
         lines += [f"  {count:,} neurons {reason}" for reason, count in counts[:causes]]
         if len(counts) > causes:
             rest = sum(count for _, count in counts[causes:])
@@ -149,6 +152,7 @@ def build_dependency_graph(
     blocked: dict[int, str] = {}
     for node, reason in nodes.blocked.items():
         blocked.setdefault(int(dense[node]), reason)
+    causes = {reason: len(set(dense[ids].tolist())) for reason, ids in nodes.causes.items() if ids}
     residual = torch.zeros(num_neurons, dtype=torch.bool)
     if nodes.residual:
         residual[dense[torch.tensor(sorted(nodes.residual))]] = True
@@ -179,6 +183,7 @@ def build_dependency_graph(
         traced=gm,
         channel_neurons=prop.values,
         neuron_of_node=dense,
+        causes=causes,
     )
     if graph.num_prunable == 0:
         reasons = Counter(blocked.values()).most_common(5)

@@ -86,21 +86,28 @@ class ChannelWalker:
             collect(self.value(arg))
         return found
 
-    def fresh_for(self, node: fx.Node, reason: str | None) -> ChannelTag | None:
-        """Fresh nodes (blocked for ``reason``) for the channels (dimension 1) of ``node``'s output."""
+    def fresh_for(self, node: fx.Node, reason: str | None, last: bool = False) -> ChannelTag | None:
+        """Fresh nodes (blocked for ``reason``) for the channels of ``node``'s output: on dimension 1, or
+        on the last one (``last``, channels-last)."""
         shape = tensor_shape(node)
         if shape is None or len(shape) < 2:
             return None
-        return ChannelTag(self.nodes.fresh(shape[1], reason), 1, len(shape))
+        dim = len(shape) - 1 if last else 1
+        return ChannelTag(self.nodes.fresh(shape[dim], reason), dim, len(shape))
 
     def opaque(self, node: fx.Node, what: str | None = None) -> ChannelTag | None:
         """An op (``what``, by default its name) no rule handles: block everything flowing in, give the
-        output blocked nodes (no channels at all when nothing traced flows in: a new or constant tensor)."""
-        reason = f"flow into unsupported op {what or self.op_name(node)} ({self.where(node)})"
+        output blocked nodes (no channels at all when nothing traced flows in: a new or constant tensor),
+        on the last dimension when every input has its channels on its last one, of three or more (a
+        channels-last block)."""
+        return self.kept_around(node, f"flow into unsupported op {what or self.op_name(node)} ({self.where(node)})")
+
+    def kept_around(self, node: fx.Node, reason: str) -> ChannelTag | None:
+        """:meth:`opaque` with the given ``reason``: the channels in and out of ``node`` are kept."""
         tags = self.tags_in(node)
         for tag in tags:
             self.nodes.block(tag.nodes, reason)
-        return self.fresh_for(node, reason) if tags else None
+        return self.fresh_for(node, reason, all(t.dim == t.ndim - 1 > 1 for t in tags)) if tags else None
 
     def where(self, node: fx.Node) -> str:
         """Where ``node`` runs: the module it calls, else the innermost module whose forward it is in."""

@@ -1,15 +1,20 @@
 """Layers with parameters per channel: Conv and Linear create channels, BatchNorm and depthwise Conv pass
-them through. In the compact network their weights are sliced to the kept channels."""
+them through. In the compact network their weights are sliced to the kept channels. Linear acts on the last
+dimension of a tensor of any rank (channels-last blocks, transformers), a 1x1 convolution there.
+
+LayerNorm and GroupNorm over the channels, and attention, keep the channels that flow through them (see
+:class:`Normalization` and :class:`Attention`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from lightning_prune.dependency.channels import ChannelTag
-from lightning_prune.ops.registry import OpRule, register_op_rule
+from lightning_prune.ops.registry import OpRule, register_op_rule, tensor_shape
 
 
 @register_op_rule(nn.modules.conv._ConvNd)
@@ -108,6 +113,50 @@ class BatchNorm(OpRule):
             return None
         _slice_batchnorm(bn, out_kept)
         return builder.copy(node, (builder.at(x, out_kept),), {})
+
+
+@register_op_rule(nn.LayerNorm, nn.GroupNorm, F.layer_norm, F.group_norm)
+class Normalization(OpRule):
+    """LayerNorm or GroupNorm over the channels: every output channel depends on the statistics of all of
+    them, so a removed (zeroed) channel is not the same as a channel cut out. Their channels are kept, and
+    go through as they are; a LayerNorm over other dimensions is opaque."""
+
+    def propagate(self, walker, node):
+        x = _input(walker, node)
+        kind = _normalizes_channels(walker, node, x) if isinstance(x, ChannelTag) else None
+        if kind is None:
+            return walker.opaque(node)
+        reason = f"flow into {kind} {walker.where(node)}"
+        walker.nodes.block(x.nodes, reason)
+        return x.moved(walker.nodes.constants_for_zero(x.nodes, reason))
+
+
+def _normalizes_channels(walker, node: fx.Node, x: ChannelTag) -> str | None:
+    """``"LayerNorm"`` or ``"GroupNorm"`` when the statistics of ``node`` mix the channels of ``x``, else None."""
+    module = walker.modules[node.target] if node.op == "call_module" else None
+    if isinstance(module, nn.GroupNorm) or node.target is F.group_norm:
+        return "GroupNorm" if x.dim == 1 else None
+    if module is not None:
+        shape = module.normalized_shape
+    else:
+        shape = node.kwargs.get("normalized_shape", node.args[1] if len(node.args) > 1 else None)
+    shape = (shape,) if isinstance(shape, int) else shape
+    return "LayerNorm" if isinstance(shape, (tuple, list)) and x.dim >= x.ndim - len(shape) else None
+
+
+@register_op_rule(nn.MultiheadAttention, "torchvision.models.swin_transformer.shifted_window_attention")
+class Attention(OpRule):
+    """Attention (``nn.MultiheadAttention``, torchvision's Swin window attention) is one op for now: the
+    channels flowing in and out are kept. Its output has its channels on the last dimension."""
+
+    def propagate(self, walker, node):
+        reason = f"flow into or out of attention {walker.where(node)}"
+        out = walker.kept_around(node, reason)
+        meta = node.meta.get("tensor_meta")
+        if tensor_shape(node) is not None or not isinstance(meta, tuple):
+            return out
+        shape = tuple(meta[0].shape)  # nn.MultiheadAttention: (output, attention weights or None)
+        return ChannelTag(walker.nodes.fresh(shape[-1], reason), len(shape) - 1, len(shape)), None
 
 
 def _input(walker, node: fx.Node) -> Any:

@@ -32,56 +32,65 @@ class Flatten(OpRule):
         if not isinstance(x, ChannelTag):
             return walker.opaque(node, "flatten")
         start, end = int(start) % x.ndim, int(end) % x.ndim
+        ndim = x.ndim - (end - start)
         if x.dim < start:
-            return x.moved(ndim=x.ndim - (end - start))
-        if x.dim == start == 1:
+            return x.moved(ndim=ndim)
+        if x.dim > end:
+            return x.moved(dim=x.dim - (end - start), ndim=ndim)
+        if x.dim == start:
             in_shape = tensor_shape(node.args[0])
-            inner = math.prod(in_shape[2 : end + 1]) if in_shape is not None else 1
-            return x.moved(x.nodes.repeat_interleave(inner), 1, x.ndim - (end - start))
+            inner = math.prod(in_shape[start + 1 : end + 1]) if in_shape is not None else 1
+            return x.moved(x.nodes.repeat_interleave(inner), start, ndim)
         return walker.opaque(node, "flatten across the channel dimension")
 
 
 @register_op_rule("view", "reshape")
 class Reshape(OpRule):
-    """A reshape that keeps the batch and channel dimensions, or flattens everything after the batch one;
-    in the compact network its channel count is rewritten."""
+    """A reshape that keeps the batch dimension and the channels, whole or flattened with every dimension after
+    them (``(B, C, H, W) -> (B, C, H * W)``, ``(B, H, W, C) -> (B, H * W, C)``, ``(B, C, H, W) -> (B, C * H * W)``);
+    in the compact network the size of the channel dimension is rewritten."""
 
     takes_nonzero = True
 
     def propagate(self, walker, node):
         x = walker.value(node.args[0])
-        in_shape, out_shape = tensor_shape(node.args[0]), tensor_shape(node)
-        if not isinstance(x, ChannelTag) or in_shape is None or out_shape is None or x.dim != 1:
-            return walker.opaque(node, f".{node.target}()")
-        if len(out_shape) >= 2 and out_shape[:2] == in_shape[:2]:
-            return x.moved(ndim=len(out_shape))
-        if len(out_shape) == 2 and out_shape[0] == in_shape[0] and out_shape[1] == math.prod(in_shape[1:]):
-            return x.moved(x.nodes.repeat_interleave(math.prod(in_shape[2:])), 1, 2)
-        return walker.opaque(node, f".{node.target}() across the channel dimension")
+        moved = _reshaped(x, tensor_shape(node.args[0]), tensor_shape(node)) if isinstance(x, ChannelTag) else None
+        if moved is None:
+            return walker.opaque(node, f".{node.target}() across the channel or batch dimension")
+        dim, inner, ndim = moved
+        return x.moved(x.nodes.repeat_interleave(inner) if inner > 1 else None, dim, ndim)
 
     def compact(self, builder, node):
         x = node.args[0]
         out, x_tag = builder.tag(node), builder.tag(x)
-        in_shape, out_shape = tensor_shape(x), tensor_shape(node)
-        if out is None or x_tag is None or in_shape is None or out_shape is None or out is x_tag:
-            return None
-        if x_tag.dim != 1 or len(out_shape) < 2:
-            return None
-        if out_shape[:2] == in_shape[:2]:
-            width = builder.kept[x].numel()
-        elif len(out_shape) == 2 and out_shape[1] == math.prod(in_shape[1:]):
-            width = builder.kept[x].numel() * math.prod(in_shape[2:])
-        else:
+        if out is None or x_tag is None or _reshaped(x_tag, tensor_shape(x), tensor_shape(node)) is None:
             return None
         sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
         sizes = list(builder.map_args(tuple(sizes)))
-        if len(sizes) < 2:
+        if len(sizes) != out.ndim:
             return None
-        if not (isinstance(sizes[1], int) and sizes[1] == -1):
-            if any(isinstance(s, int) and s == -1 for i, s in enumerate(sizes) if i != 1):
+        if not (isinstance(sizes[out.dim], int) and sizes[out.dim] == -1):
+            if any(isinstance(s, int) and s == -1 for s in sizes):
                 return None
-            sizes[1] = width
+            sizes[out.dim] = builder.kept[x].numel() * (out.size // x_tag.size)
         return builder.copy(node, (builder.env[x], *sizes), {})
+
+
+def _reshaped(x: ChannelTag, in_shape, out_shape) -> tuple[int, int, int] | None:
+    """Where a reshape from ``in_shape`` to ``out_shape`` puts the channels of ``x``: (dimension, positions
+    per channel, rank), or None when it splits them, merges them with a dimension before them, or moves the
+    batch dimension."""
+    if in_shape is None or out_shape is None or len(out_shape) < 2 or out_shape[0] != in_shape[0] or x.dim < 1:
+        return None
+    before = math.prod(in_shape[: x.dim])
+    for dim in range(1, len(out_shape)):
+        if math.prod(out_shape[:dim]) != before:
+            continue
+        if out_shape[dim] == in_shape[x.dim]:
+            return dim, 1, len(out_shape)
+        if dim == len(out_shape) - 1 and out_shape[dim] == math.prod(in_shape[x.dim :]):
+            return dim, math.prod(in_shape[x.dim + 1 :]), len(out_shape)
+    return None
 
 
 @register_op_rule("expand", "expand_as")
@@ -235,7 +244,8 @@ class Pad(OpRule):
 
 @register_op_rule(operator.getitem)
 class GetItem(OpRule):
-    """An item of a tuple, or basic slicing: a slice of the channels keeps those channels."""
+    """An item of a tuple, or basic indexing: a slice of the channels keeps those channels, an integer index of
+    another dimension drops it (``x[:, 0]``, the class token)."""
 
     def propagate(self, walker, node):
         container, index = walker.value(node.args[0]), node.args[1]
@@ -245,16 +255,19 @@ class GetItem(OpRule):
             return None if container is None and tensor_shape(node) is None else walker.opaque(node, "indexing")
         x = container
         idx = index if isinstance(index, tuple) else (index,)
-        if any(isinstance(i, fx.Node) or not isinstance(i, (slice, type(Ellipsis), type(None))) for i in idx):
+        basic = (int, slice, type(Ellipsis), type(None))
+        if any(isinstance(i, (fx.Node, bool)) or not isinstance(i, basic) for i in idx):
             return walker.opaque(node, "advanced indexing")
         if any(i is None for i in idx):
             return walker.opaque(node, "indexing that adds dimensions")
         idx = _expand_ellipsis(idx, x.ndim)
-        if len(idx) <= x.dim:
-            return x
-        if any(isinstance(v, fx.Node) for s in idx for v in (s.start, s.stop, s.step)):
+        if len(idx) > x.dim and isinstance(idx[x.dim], int):
+            return walker.opaque(node, "indexing of one channel")
+        if any(isinstance(v, fx.Node) for s in idx if isinstance(s, slice) for v in (s.start, s.stop, s.step)):
             return walker.opaque(node, "slicing with traced bounds")
-        return ChannelTag(x.nodes[idx[x.dim]], x.dim, x.ndim)
+        before, dropped = _dropped(idx, x.dim)
+        nodes = x.nodes[idx[x.dim]] if len(idx) > x.dim else x.nodes
+        return x.moved(nodes, x.dim - before, x.ndim - dropped)
 
     def compact(self, builder, node):
         """A gather of the kept channels, after the slicing of the other dimensions."""
@@ -270,7 +283,13 @@ class GetItem(OpRule):
         value = builder.env[x]
         if any(s != slice(None) for s in rest):
             value = builder.copy(node, (value, rest), {})
-        return builder.gather(value, builder.kept[x], positions[builder.kept_positions(out)], x_tag.dim)
+        return builder.gather(value, builder.kept[x], positions[builder.kept_positions(out)], out.dim)
+
+
+def _dropped(idx: tuple, dim: int) -> tuple[int, int]:
+    """How many dimensions an index drops (integers) before dimension ``dim``, and in all."""
+    ints = [isinstance(i, int) for i in idx]
+    return sum(ints[:dim]), sum(ints)
 
 
 def _expand_ellipsis(idx: tuple, ndim: int) -> tuple:

@@ -26,10 +26,13 @@ class CostModel:
         batch = next((a.shape[0] for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)), 1)
         modes = {m: m.training for m in model.modules()}
         model.eval()
+        fastpath = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)  # the counter can't see inside MultiheadAttention's fast path
         try:
             with torch.no_grad(), FlopCounterMode(display=False) as counter:
                 model(*args, **kwargs)
         finally:
+            torch.backends.mha.set_fastpath_enabled(fastpath)
             for m, training in modes.items():
                 m.training = training
         per_module = counter.get_flop_counts()
