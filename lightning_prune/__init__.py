@@ -7,6 +7,7 @@ from lightning_prune.dependency import DependencyGraph, build_dependency_graph
 from lightning_prune.errors import PruningConfigurationError, UnsupportedModelError, UnsupportedStrategyError
 from lightning_prune.importance import Criterion, ImportanceScores, available_criteria, get_criterion, register_criterion
 from lightning_prune.importance import estimate_importance, prune_once
+from lightning_prune.latency import LatencySelector, LatencyTable
 from lightning_prune.ops import OpRule, register_op_rule
 from lightning_prune.recalibration import recalibrate_batchnorm
 
@@ -18,6 +19,8 @@ __all__ = [
     "Criterion",
     "DependencyGraph",
     "ImportanceScores",
+    "LatencySelector",
+    "LatencyTable",
     "OpRule",
     "PruningConfigurationError",
     "PruningMasks",

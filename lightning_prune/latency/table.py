@@ -1,0 +1,352 @@
+"""Per-layer latency measured on the target device, as a function of the layer's input and output widths."""
+
+from __future__ import annotations
+
+import bisect
+import copy
+import hashlib
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lightning_prune.compaction.compact import architecture_fingerprint
+from lightning_prune.data.cifar10_jpeg import default_cache_dir
+from lightning_prune.dependency import DependencyGraph, build_dependency_graph
+from lightning_prune.dependency.trace import as_call_args
+
+
+@dataclass(eq=False)
+class LayerLatency:
+    """Latency of one Conv/Linear layer (the layer alone, without what follows it).
+
+    Measured along two axes through the full-width point: output widths ``out_widths`` with the input at
+    full width (``out_seconds``) and input widths ``in_widths`` with the output at full width
+    (``in_seconds``). A width between measured ones costs what the next measured width up does (kernels
+    compute channels in blocks: an upper bound where latency grows with width), and off the axes the
+    model is separable: ``L(i, o) = L(i, full) * L(full, o) / L(full, full)``, exact at measured points.
+    Widths count channels (features for a Linear reading a flattened map); ``in_ids``/``out_ids`` give
+    the neuron of each (``-1``: a structurally zero channel, which compaction removes).
+    """
+
+    in_ids: torch.Tensor
+    out_ids: torch.Tensor
+    in_widths: list[int]
+    in_seconds: list[float]
+    out_widths: list[int]
+    out_seconds: list[float]
+
+    @property
+    def full(self) -> float:
+        return self.out_seconds[-1]
+
+    def seconds(self, in_width: float, out_width: float) -> float:
+        fin = self.in_seconds[min(bisect.bisect_left(self.in_widths, in_width), len(self.in_widths) - 1)]
+        fout = self.out_seconds[min(bisect.bisect_left(self.out_widths, out_width), len(self.out_widths) - 1)]
+        return fin * fout / self.full if self.full > 0 else 0.0
+
+    def widths(self, padded: torch.Tensor) -> tuple[int, int]:
+        """(input, output) width under ``padded``: the alive mask with a last False entry for index -1."""
+        return int(padded[self.in_ids].sum()), int(padded[self.out_ids].sum())
+
+
+@dataclass(eq=False)
+class LatencyTable:
+    """Predicted latency of the network for any alive mask: the sum of its layers' latencies at the
+    widths the mask gives them, plus ``rest`` (the full network's measured latency minus the sum of its
+    layers' at full width, floored at 0: what pruning does not change). Picklable (no module inside),
+    so that one rank can build it and broadcast it to the others."""
+
+    layers: dict[str, LayerLatency]
+    rest: float
+    width_step: int
+    env: dict[str, Any]
+    measurements: int = 0  # timings taken when this table was built (0: all from the cache)
+
+    def predict(self, alive: torch.Tensor) -> float:
+        """Predicted latency in seconds of the network compacted to ``alive`` (bool per neuron)."""
+        padded = torch.cat([alive.to("cpu", torch.bool), torch.tensor([False])])
+        return self.rest + sum(layer.seconds(*layer.widths(padded)) for layer in self.layers.values())
+
+    @classmethod
+    def build(
+        cls,
+        model: nn.Module,
+        example_input: Any,
+        graph: DependencyGraph | None = None,
+        *,
+        batch_size: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        memory_format: torch.memory_format = torch.contiguous_format,
+        width_step: int = 8,
+        warmup: int = 3,
+        repeats: int = 10,
+        cache_dir: str | os.PathLike | None = None,
+        progress: bool = True,
+    ) -> LatencyTable:
+        """Measure (median of ``repeats`` after ``warmup`` runs) each prunable Conv/Linear layer of ``model``
+        at the widths it can take: multiples of ``width_step`` channels and its full width, on the axes a
+        prunable neuron changes (a depthwise convolution: its output only). Each layer is rebuilt alone at
+        every width, fed random input of the spatial size it sees on ``example_input`` with ``batch_size``
+        examples (default: the example's). Timings are cached in ``cache_dir`` (default:
+        ``$LIGHTNING_PRUNE_CACHE/latency``, else ``~/.cache/lightning_prune/latency``), one JSON file per
+        device, torch version, thread count, batch size, dtype and memory format, keyed by layer shape
+        and widths: what is there is reused, only what is missing is measured.
+        """
+        graph = graph if graph is not None else build_dependency_graph(model, example_input)
+        device = torch.device(device)
+        args, kwargs = as_call_args(example_input)
+        example_batch = next((a.shape[0] for a in [*args, *kwargs.values()] if isinstance(a, torch.Tensor)), 1)
+        batch = batch_size or example_batch
+        specs = _layer_specs(model, args, kwargs, graph)
+        env = {
+            "device": _device_name(device),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads() if device.type == "cpu" else None,
+            "batch": batch,
+            "dtype": str(dtype),
+            "memory_format": str(memory_format),
+        }
+        cache = _Cache(Path(cache_dir) if cache_dir is not None else default_cache_dir() / "latency", env)
+        grids = {}  # name -> (input widths, output widths) to measure
+        for name, spec in specs.items():
+            ins = _grid(graph.readers[name], graph.prunable, width_step)
+            grids[name] = (ins[-1:] if spec.get("groups") == "depthwise" else ins,
+                           _grid(graph.writers[name], graph.prunable, width_step))  # fmt: skip
+        needed: dict[str, set[tuple[int, int]]] = {}  # layer key -> (input, output) widths
+        for name, (ins, outs) in grids.items():
+            points = {(i, outs[-1]) for i in ins} | {(ins[-1], o) for o in outs}
+            needed.setdefault(_key(specs[name]), set()).update(points)
+        todo = [
+            (key, i, o)
+            for key, points in needed.items()
+            for i, o in sorted(points)
+            if f"{i},{o}" not in cache.layers.get(key, {})
+        ]
+        network_key = f"{architecture_fingerprint(model)}:{json.dumps(_shapes(args, kwargs))}"
+        measurements = 0
+        try:
+            spec_of = {_key(spec): spec for spec in specs.values()}
+            for key, i, o in tqdm(todo, desc="latency table", disable=not progress or not todo, leave=False):
+                layer, x = _standalone(spec_of[key], i, o, batch)
+                cache.layers.setdefault(key, {})[f"{i},{o}"] = _time(
+                    *_place(layer, (x,), {}, dtype, device, memory_format), warmup, repeats
+                )
+                measurements += 1
+            if network_key not in cache.networks:
+                net = copy.deepcopy(model)
+                bargs, bkwargs = _rebatch(args, batch), {k: _rebatch([v], batch)[0] for k, v in kwargs.items()}
+                cache.networks[network_key] = _time(*_place(net, bargs, bkwargs, dtype, device, memory_format),
+                                                    warmup, repeats)  # fmt: skip
+                measurements += 1
+        finally:
+            if measurements:
+                cache.save()
+        layers = {}
+        for name, spec in specs.items():
+            ins, outs = grids[name]
+            points = cache.layers[_key(spec)]
+            layers[name] = LayerLatency(
+                in_ids=graph.readers[name].clone(),
+                out_ids=graph.writers[name].clone(),
+                in_widths=ins,
+                in_seconds=[points[f"{i},{outs[-1]}"] for i in ins],
+                out_widths=outs,
+                out_seconds=[points[f"{ins[-1]},{o}"] for o in outs],
+            )
+        rest = max(0.0, cache.networks[network_key] - sum(layer.full for layer in layers.values()))
+        return cls(layers, rest, width_step, env, measurements)
+
+    def plot(self, path: str | os.PathLike) -> None:
+        """Save a figure of each layer's latency against its output width and against its input width."""
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(12, 5))
+        axes = fig.subplots(1, 2, sharey=True)
+        for name, layer in self.layers.items():
+            for ax, widths, seconds in ((axes[0], layer.out_widths, layer.out_seconds),
+                                        (axes[1], layer.in_widths, layer.in_seconds)):  # fmt: skip
+                if len(widths) > 1:
+                    ax.plot(widths, [1e3 * s for s in seconds], marker=".", label=name)
+        for ax, axis, other in ((axes[0], "output", "input"), (axes[1], "input", "output")):
+            ax.set_xlabel(f"{axis} channels ({other} at full width)")
+            ax.grid(alpha=0.3)
+        axes[0].set_ylabel("latency (ms)")
+        for ax in axes:
+            if 0 < len(ax.lines) <= 24:
+                ax.legend(fontsize="x-small", ncol=2)
+        env = self.env
+        fig.suptitle(f"{env['device']}, batch {env['batch']}, {env['dtype']}, {env['memory_format']}")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+
+
+class _Cache:
+    """The JSON file of timings for one environment: ``layers`` (layer key -> ``"in,out"`` -> seconds)
+    and ``networks`` (architecture and input shapes -> seconds)."""
+
+    def __init__(self, folder: Path, env: dict[str, Any]) -> None:
+        text = json.dumps(env, sort_keys=True)
+        self.path = folder / f"{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
+        self.env = env
+        data = self._read()
+        self.layers: dict[str, dict[str, float]] = data.get("layers", {})
+        self.networks: dict[str, float] = data.get("networks", {})
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def save(self) -> None:
+        """Merge into what is on disk now (another process may have written it) and replace it atomically."""
+        data = self._read()
+        layers = data.get("layers", {})
+        for key, points in self.layers.items():
+            layers.setdefault(key, {}).update(points)
+        networks = {**data.get("networks", {}), **self.networks}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"env": self.env, "layers": layers, "networks": networks}, indent=1))
+        os.replace(tmp, self.path)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _grid(ids: torch.Tensor, prunable: torch.Tensor, step: int) -> list[int]:
+    """Widths to measure on one axis: multiples of ``step`` channels below the full width, and the full
+    width; only the full width when no prunable neuron is on it. A Linear reading a flattened map steps by
+    ``step`` channels of the map (``step`` times the positions per channel features)."""
+    valid = ids[ids >= 0]
+    full = max(1, valid.numel())
+    if not valid.numel() or not prunable[valid].any():
+        return [full]
+    unit = step * max(1, valid.numel() // valid.unique().numel())
+    return [*range(unit, full, unit), full]
+
+
+def _layer_specs(model: nn.Module, args: Any, kwargs: Any, graph: DependencyGraph) -> dict[str, dict[str, Any]]:
+    """What rebuilding each Conv/Linear alone needs, but its widths: the constructor arguments and the
+    input size but channels and batch, found with forward hooks on the example input. Layers of other
+    kinds (transposed convolutions) are left out: their time counts in the rest of the network."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    hooks = [
+        graph.modules[name].register_forward_hook(
+            lambda module, inputs, output, name=name: shapes.__setitem__(name, tuple(inputs[0].shape))
+        )
+        for name in graph.readers
+    ]
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for m, training in modes.items():
+            m.training = training
+    specs = {}
+    for name in graph.readers:
+        module = graph.modules[name]
+        if name not in shapes or name not in graph.writers:
+            continue
+        if type(module) is nn.Linear:
+            specs[name] = {"type": "Linear", "bias": module.bias is not None, "input": list(shapes[name][1:-1])}
+        elif type(module) in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+            depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
+            specs[name] = {
+                "type": type(module).__name__,
+                "kernel_size": list(module.kernel_size),
+                "stride": list(module.stride),
+                "padding": module.padding if isinstance(module.padding, str) else list(module.padding),
+                "dilation": list(module.dilation),
+                "groups": "depthwise" if depthwise else module.groups,
+                "bias": module.bias is not None,
+                "padding_mode": module.padding_mode,
+                "input": list(shapes[name][2:]),
+            }
+    return specs
+
+
+def _key(spec: dict[str, Any]) -> str:
+    return json.dumps(spec, sort_keys=True, separators=(",", ":"))
+
+
+def _standalone(spec: dict[str, Any], i: int, o: int, batch: int) -> tuple[nn.Module, torch.Tensor]:
+    """A fresh layer of ``spec`` with ``i`` input and ``o`` output channels, and an input for it."""
+    if spec["type"] == "Linear":
+        return nn.Linear(i, o, bias=spec["bias"]), torch.randn(batch, *spec["input"], i)
+    groups = spec["groups"]
+    if groups == "depthwise":  # its input width follows its output width
+        i = groups = o
+    padding = spec["padding"] if isinstance(spec["padding"], str) else tuple(spec["padding"])
+    layer = getattr(nn, spec["type"])(
+        i, o, tuple(spec["kernel_size"]), stride=tuple(spec["stride"]), padding=padding,
+        dilation=tuple(spec["dilation"]), groups=groups, bias=spec["bias"], padding_mode=spec["padding_mode"],
+    )  # fmt: skip
+    return layer, torch.randn(batch, i, *spec["input"])
+
+
+def _shapes(args: Any, kwargs: Any) -> list[Any]:
+    """Shapes of the input tensors but their batch size, and the other inputs' repr."""
+    return [list(a.shape[1:]) if isinstance(a, torch.Tensor) else repr(a) for a in [*args, *kwargs.values()]]
+
+
+def _rebatch(args: Any, batch: int) -> list[Any]:
+    """Tensors of the example input repeated or cut to ``batch`` examples."""
+    return [a[torch.arange(batch) % a.shape[0]] if isinstance(a, torch.Tensor) and a.dim() else a for a in args]
+
+
+def _place(module: nn.Module, args: Any, kwargs: Any, dtype: torch.dtype, device: torch.device,
+           memory_format: torch.memory_format) -> tuple[nn.Module, tuple[Any, ...], dict[str, Any]]:  # fmt: skip
+    """``module`` in eval mode and its inputs moved to ``device``, floating point in ``dtype``, 4-D tensors
+    in ``memory_format``."""
+
+    def move(a: Any) -> Any:
+        if not isinstance(a, torch.Tensor):
+            return a
+        a = a.to(device, dtype if a.is_floating_point() else a.dtype)
+        return a.contiguous(memory_format=memory_format) if a.dim() == 4 else a
+
+    module = module.to(device, dtype).eval()
+    if memory_format != torch.contiguous_format:
+        module = module.to(memory_format=memory_format)
+    return module, tuple(move(a) for a in args), {k: move(v) for k, v in kwargs.items()}
+
+
+def _time(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], warmup: int, repeats: int) -> float:
+    """Median seconds of ``module(*args, **kwargs)`` over ``repeats`` runs after ``warmup`` ones."""
+    cuda = any(p.is_cuda for p in module.parameters()) or any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
+    times = []
+    with torch.inference_mode():
+        for run in range(warmup + repeats):
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            module(*args, **kwargs)
+            if cuda:
+                torch.cuda.synchronize()
+            if run >= warmup:
+                times.append(time.perf_counter() - start)
+    return statistics.median(times)
