@@ -258,6 +258,24 @@ def test_default_recipe_end_to_end(data_dir: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(600)
+def test_pipeline_trains_the_compact_network_after_a_pruning_window(data_dir: Path, tmp_path: Path) -> None:
+    """The cifar10_resnet56 recipe's settings on the default recipe: pruning over a window of steps, then the
+    compact network is trained (fine-tune stage) and is the run's compact model."""
+    run_dir = tmp_path / "run"
+    _cli([f"hydra.run.dir={run_dir}", "data.train_per_class=8", "data.val_per_class=4", "data.batch_size=16",
+          "pruning.prune_every_n_batches=2", "pruning.keep_ratio=null", "pruning.target_flops_ratio=0.7",
+          "pruning.pruning_steps=6", "pruning.compact_when_done=true", "stages.finetune.max_steps=2",
+          *QUIET])  # fmt: skip
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["pruning"]["target_reached"] and metrics["pruning"]["pruning_steps"] == 3
+    assert metrics["fit_steps"]["prune"] == 6 and metrics["fit_steps"]["finetune"] == 2
+    stages = metrics["stages"]
+    assert stages["finetuned"]["params"] < stages["initial"]["params"]  # the compact network was trained
+    assert stages["compact"]["flops"] <= 0.7 * stages["initial"]["flops"]
+    assert stages["compact"]["top1"] == pytest.approx(stages["finetuned"]["top1"], abs=1e-6)
+
+
+@pytest.mark.timeout(600)
 def test_lenet3_recipe_end_to_end(data_dir: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     _cli(["recipe=cifar10_lenet3", f"hydra.run.dir={run_dir}", "data.train_per_class=20", "data.val_per_class=10",

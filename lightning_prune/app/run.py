@@ -279,7 +279,7 @@ class Pipeline:
         p = self.pruning
         start = time.time()
         model = self.module.model
-        compact_model = compact(model, p.compact_masks, graph=p.graph)
+        compact_model = model if p.compacted else compact(model, p.compact_masks, graph=p.graph)
         path = None
         if rank_zero_only.rank == 0:
             path = save_compact(compact_model, self.output_dir / COMPACT_FILE)
