@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,7 @@ class Config:
     epochs: int = 3
     prune_every: int = 2
     per_step: int = 2
-    num_to_prune: int = 8
+    num_to_prune: int | None = 8
     gate_gradient: str = "auto"
     resume_after: int = 0  # >0: fit this many epochs, checkpoint, and resume in a new Trainer
     max_loss: float | None = None
@@ -55,6 +56,7 @@ class Config:
     history_dir: bool = True  # False: the history goes to the trainer's log dir, read on every rank
     pruning_steps: int | None = None  # a cubic schedule over this many optimizer steps
     compact_when_done: bool = False  # train the compact network after the last pruning step
+    latency_ratio: float | None = None  # target_latency_ratio: the table measured on rank zero only
 
 
 CONFIGS = {
@@ -74,6 +76,7 @@ CONFIGS = {
     "forward_only": Config(pattern="forward_only"),
     "schedule": Config(pruning_steps=6, epochs=4),  # 3 pruning steps removing 5, 7, 8 neurons in all
     "compact": Config(pattern="no_forward", per_step=3, compact_when_done=True),  # compact from step 7 of 9
+    "latency": Config(pattern="no_forward", latency_ratio=0.7, pruning_steps=6, epochs=4, num_to_prune=None),
 }
 
 
@@ -276,6 +279,7 @@ def run(name: str, out: Path, devices: int = 1, num_nodes: int = 1, strategy: st
             module_name="net" if cfg.pattern == "module_name" else None,
             pruning_steps=cfg.pruning_steps,
             compact_when_done=cfg.compact_when_done,
+            target_latency_ratio=cfg.latency_ratio,
         )
         root = out / f"root_{tag}"
         trainer = _trainer(cfg, root, [pruner, Recorder(pruner, out / tag)], devices, num_nodes, strategy, epochs)
@@ -327,6 +331,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("LIGHTNING_PRUNE_CACHE", str(args.out / "cache"))  # latency tables
     strategy = "ddp" if args.launch == "external" else args.launch
     for name in args.configs.split(","):
         run(name, args.out, devices=args.devices, num_nodes=args.num_nodes, strategy=strategy)

@@ -22,7 +22,12 @@ from lightning_prune.pruner.selection import NeuronSelector
 
 
 def synthetic_time(module, args, kwargs, warmup, repeats):
-    """Seconds a device computing channels in blocks of 8 would take; the whole network: 1 ms."""
+    """Seconds a device computing channels in blocks of 8 would take (a BatchNorm or activation timed with
+    a layer: 1 ns per output value); the whole network: 1 ms."""
+    if isinstance(module, table_module._Unit):
+        layer, *after = module
+        out = layer(args[0])
+        return synthetic_time(layer, args, kwargs, warmup, repeats) + 1e-9 * len(after) * out.numel()
     if isinstance(module, nn.Conv2d):
         positions = args[0].shape[0] * args[0].shape[-1] * args[0].shape[-2] / module.stride[0] ** 2
         blocks = math.ceil(module.out_channels / 8) * math.ceil(module.in_channels / 8)
@@ -84,8 +89,8 @@ def test_model_is_exact_at_measured_points(tmp_path, counted):
         fin, fout = layer.in_widths[-1], layer.out_widths[-1]
         assert [layer.seconds(i, fout) for i in layer.in_widths] == pytest.approx(layer.in_seconds, rel=1e-12)
         assert [layer.seconds(fin, o) for o in layer.out_widths] == pytest.approx(layer.out_seconds, rel=1e-12)
-    conv = nn.Conv2d(8, 12, 3, padding=1)
-    assert conv2.seconds(8, 12) == synthetic_time(conv, (torch.empty(2, 8, 8, 8),), {}, 0, 0)
+    unit = table_module._Unit(nn.Conv2d(8, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU())
+    assert conv2.seconds(8, 12) == synthetic_time(unit, (torch.empty(2, 8, 8, 8),), {}, 0, 0)
     assert conv2.seconds(8, 11) == conv2.seconds(8, 12) and conv2.seconds(8, 1) == conv2.seconds(8, 4)
     alive = torch.ones(graph.num_neurons, dtype=torch.bool)
     total = sum(layer.full for layer in table.layers.values())
@@ -93,14 +98,24 @@ def test_model_is_exact_at_measured_points(tmp_path, counted):
     assert pickle.loads(pickle.dumps(table)).predict(alive) == table.predict(alive)  # broadcast under DDP
 
 
-def test_measured_latency_grows_with_width(tmp_path):
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a CPU shared with other jobs, a thread waiting for a busy core makes every
+    op last a scheduler time slice, whatever its width."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_measured_latency_grows_with_width(tmp_path, one_thread):
     """Real timings: on average over layers, the narrowest widths are faster than the full ones."""
     layers = [nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU()]
     layers += [m for _ in range(3) for m in (nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU())]
     model = nn.Sequential(*layers, nn.Conv2d(32, 4, 1))
     x = torch.randn(8, 3, 16, 16)
     graph = build_dependency_graph(model, x)
-    table = LatencyTable.build(model, x, graph, cache_dir=tmp_path, warmup=1, repeats=3, progress=False)
+    table = LatencyTable.build(model, x, graph, cache_dir=tmp_path, warmup=2, repeats=5, progress=False)
     assert table.measurements > 0
     ratios = [layer.out_seconds[0] / layer.full for layer in table.layers.values() if len(layer.out_widths) > 1]
     assert np.mean(ratios) < 1
@@ -113,6 +128,105 @@ def test_measured_latency_grows_with_width(tmp_path):
     assert (tmp_path / "latency.png").stat().st_size > 0
 
 
+class Followers(nn.Module):
+    """Conv/Linear layers followed by BatchNorms and activations in every form the table recognises, and
+    ones it must not time with them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)  # + F.relu
+        self.c2, self.b2, self.a2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True)
+        self.c3, self.a3 = nn.Conv2d(8, 8, 1), nn.GELU(approximate="tanh")  # no BatchNorm
+        self.c4, self.b4 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)  # + .relu()
+        self.c5, self.b5 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)  # BN, then an addition
+        self.c6 = nn.Conv2d(8, 8, 1)  # its output read twice: nothing
+        self.fc, self.bfc = nn.Linear(8, 6), nn.BatchNorm1d(6)  # + F.silu
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.b1(self.c1(x)))
+        x = self.a2(self.b2(self.c2(x)))
+        x = self.a3(self.c3(x))
+        x = self.b4(self.c4(x)).relu()
+        x = F.relu(self.b5(self.c5(x)) + x)
+        y = self.c6(x)
+        x = y * torch.sigmoid(y)
+        return self.head(F.silu(self.bfc(self.fc(x.mean((2, 3))))))
+
+
+def test_layers_are_timed_with_their_batchnorm_and_activation(tmp_path, counted):
+    model, x = Followers(), torch.randn(2, 3, 8, 8)
+    graph = build_dependency_graph(model, x)
+    specs = table_module._layer_specs(model, (x,), {}, graph)
+    after = {name: {k: spec[k] for k in ("bn", "act") if k in spec} for name, spec in specs.items()}
+    assert after == {
+        "c1": {"bn": "BatchNorm2d", "act": "ReLU"},
+        "c2": {"bn": "BatchNorm2d", "act": "ReLU(inplace)"},
+        "c3": {"act": "GELU(tanh)"},
+        "c4": {"bn": "BatchNorm2d", "act": "ReLU"},
+        "c5": {"bn": "BatchNorm2d"},
+        "c6": {},
+        "fc": {"bn": "BatchNorm1d", "act": "SiLU"},
+        "head": {},
+    }
+    table = LatencyTable.build(model, x, graph, cache_dir=tmp_path, width_step=4, progress=False)
+    units = {tuple(type(m).__name__ for m in unit) for unit in counted if isinstance(unit, table_module._Unit)}
+    assert ("Conv2d", "BatchNorm2d", "ReLU") in units and ("Linear", "BatchNorm1d", "SiLU") in units
+    normed = [u for u in counted if isinstance(u, table_module._Unit) and isinstance(u[1], nn.BatchNorm2d)]
+    assert normed and all(unit[1].num_features == unit[0].out_channels for unit in normed)
+    # the cache keys say what was timed with each layer
+    (path,) = tmp_path.glob("*.json")
+    keys = [json.loads(key) for key in json.loads(path.read_text())["layers"]]
+    inplace = next(k for k in keys if "inplace" in k.get("act", ""))
+    assert inplace["bn"] == "BatchNorm2d" and inplace["act"] == "ReLU(inplace)"
+    assert table.measurements > 0
+
+
+def test_batchnorm_and_activation_time_follows_the_width(tmp_path, monkeypatch, counted):
+    """A conv-BN-ReLU network at half width: timed with their layers, BatchNorm and ReLU shrink with them,
+    so the prediction is lower than when they are left at full width in the rest of the network."""
+    model, x = SmallCNN(), torch.randn(2, 3, 16, 16)
+    graph = build_dependency_graph(model, x)
+    table = LatencyTable.build(model, x, graph, cache_dir=tmp_path / "with", width_step=4, progress=False)
+    monkeypatch.setattr(table_module, "_followers", lambda graph: {})
+    alone = LatencyTable.build(model, x, graph, cache_dir=tmp_path / "alone", width_step=4, progress=False)
+    full = torch.ones(graph.num_neurons, dtype=torch.bool)
+    half = full.clone()
+    for gate in graph.gates.values():
+        half[gate.neurons[gate.channels // 2 :]] = False
+    assert table.predict(full) == pytest.approx(alone.predict(full)) == pytest.approx(1e-3)  # the network
+    assert table.rest < alone.rest
+    assert table.predict(half) < alone.predict(half)
+    conv1 = table.layers["conv1"]
+    values = 2 * 16 * 16  # output values per channel, timed twice (BatchNorm and ReLU)
+    assert conv1.full - conv1.seconds(3, 4) == pytest.approx(
+        alone.layers["conv1"].full - alone.layers["conv1"].seconds(3, 4) + 2 * 1e-9 * values * 4
+    )
+
+
+def test_calibration_through_two_measured_points(tmp_path, counted):
+    model, x = SmallCNN(), torch.randn(2, 3, 16, 16)
+    graph = build_dependency_graph(model, x)
+    table = LatencyTable.build(model, x, graph, cache_dir=tmp_path, width_step=4, progress=False)
+    full = torch.ones(graph.num_neurons, dtype=torch.bool)
+    half = full.clone()
+    for gate in graph.gates.values():
+        half[gate.neurons[gate.channels // 2 :]] = False
+    calibrated = table.calibrated(half, 0.4e-3, 1.5e-3)
+    assert calibrated.predict(full) == pytest.approx(1.5e-3) and calibrated.predict(half) == pytest.approx(0.4e-3)
+    slope = calibrated.env["calibration"]["slope"]
+    quarter = half.clone()
+    for gate in graph.gates.values():
+        quarter[gate.neurons[gate.channels // 4 :]] = False
+    assert calibrated.predict(full) - calibrated.predict(quarter) == pytest.approx(
+        slope * (table.predict(full) - table.predict(quarter))
+    )
+    # the full network alone fixes no slope: the prediction is scaled
+    scaled = table.calibrated(full, 2e-3, 2e-3)
+    assert scaled.predict(half) == pytest.approx(2 * table.predict(half))
+    assert pickle.loads(pickle.dumps(calibrated)).predict(half) == calibrated.predict(half)
+
+
 def test_depthwise_convolution(tmp_path, counted):
     model = nn.Sequential(
         nn.Conv2d(3, 16, 1), nn.BatchNorm2d(16), nn.ReLU(),
@@ -122,7 +236,8 @@ def test_depthwise_convolution(tmp_path, counted):
     table = LatencyTable.build(model, torch.randn(2, 3, 8, 8), cache_dir=tmp_path, progress=False)
     depthwise = table.layers["3"]
     assert depthwise.in_widths == [16] and depthwise.out_widths == [8, 16]
-    grouped = [(m.in_channels, m.out_channels, m.groups) for m in counted if isinstance(m, nn.Conv2d) and m.groups > 1]
+    convs = [m[0] if isinstance(m, table_module._Unit) else m for m in counted]
+    grouped = [(m.in_channels, m.out_channels, m.groups) for m in convs if isinstance(m, nn.Conv2d) and m.groups > 1]
     assert grouped == [(8, 8, 8), (16, 16, 16)]
     assert depthwise.seconds(8, 8) == depthwise.out_seconds[0]
 
@@ -170,7 +285,8 @@ def test_selection_is_the_brute_force_optimum(tmp_path, monkeypatch, width_step)
     monkeypatch.setattr(
         table_module,
         "_time",
-        lambda m, *rest: curves[m.kernel_size[0]][m.out_channels - 1] * 1e-3 if isinstance(m, nn.Conv2d) else 0.0,
+        lambda m, *rest: curves[m[0].kernel_size[0]][m[0].out_channels - 1] * 1e-3
+        if isinstance(m, table_module._Unit) else 0.0,
     )
     model, x = ThreeGroups(), torch.randn(2, 3, 6, 6)
     graph = build_dependency_graph(model, x)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Sequence
@@ -26,6 +27,7 @@ from lightning_prune.distillation import Distiller
 from lightning_prune.distributed import broadcast_decision, mean_over_ranks
 from lightning_prune.errors import PruningConfigurationError, UnsupportedModelError, UnsupportedStrategyError
 from lightning_prune.importance import Criterion, GateGradients, get_criterion
+from lightning_prune.latency import LatencySelector, LatencyTable, LayerLatency
 from lightning_prune.pruner import CostModel, NeuronMasks, NeuronSelector, fewest_reaching, neuron_scores, reset_optimizer_state
 from lightning_prune.pruner.history import PruningRecord, write_history
 
@@ -93,6 +95,17 @@ class TaylorPruningCallback(Callback):
         schedule: with ``pruning_steps``: ``"cubic"`` removes much early and little late, when the network
             is small and every neuron counts (share ``1 - (1 - i/P)^3`` after pruning step ``i`` of ``P``,
             Zhu & Gupta 2017); ``"linear"`` the same amount at every step.
+        target_latency_ratio: stop once the predicted latency of the compact network falls to this fraction of
+            the initial one. Each pruning step keeps the most important neurons under its latency budget (a
+            knapsack over a per-layer latency table measured on the training device, HALP-style), at widths
+            where latency actually drops. With ``pruning_steps`` the budget follows ``schedule``; without, it
+            falls by the fraction ``neurons_per_step`` of the initial prunable neurons (of the initial latency)
+            per step. With ``target_flops_ratio`` too, both are met.
+        latency_table: a :class:`lightning_prune.LatencyTable` for the network (e.g. measured on the
+            deployment device); by default one is measured at fit start on rank zero (cached on disk, see
+            :meth:`LatencyTable.build`) and sent to the other ranks.
+        latency_batch_size: the batch size latency is measured at (default: the network's first input's).
+        latency_width_step: the width step of the measured table (channels come off in multiples of it).
         compact_round_to: keep a multiple of this many channels per layer in the compact model (e.g. 16,
             oneDNN's float32 channel block on AVX-512 CPUs, or 8 for tensor cores). The FLOPs and
             parameters logged, and ``target_flops_ratio``, then count the rounded widths: pruning goes on
@@ -126,6 +139,10 @@ class TaylorPruningCallback(Callback):
         compact_on_fit_end: bool = False,
         compact_path: str | None = None,
         compact_round_to: int | None = None,
+        target_latency_ratio: float | None = None,
+        latency_table: LatencyTable | None = None,
+        latency_batch_size: int | None = None,
+        latency_width_step: int = 8,
         pruning_steps: int | float | None = None,
         schedule: Literal["cubic", "linear"] = "cubic",
         compact_when_done: bool = False,
@@ -139,8 +156,9 @@ class TaylorPruningCallback(Callback):
         _check((is_int and neurons_per_step >= 1) or (isinstance(neurons_per_step, float) and 0 < neurons_per_step < 1),
                f"neurons_per_step must be an int >= 1 or a float in (0, 1), got {neurons_per_step!r}")  # fmt: skip
         _check(keep_ratio is None or num_to_prune is None, "give at most one of keep_ratio and num_to_prune")
-        _check(keep_ratio is not None or num_to_prune is not None or target_flops_ratio is not None,
-               "give a target: keep_ratio, num_to_prune or target_flops_ratio")  # fmt: skip
+        _check(keep_ratio is not None or num_to_prune is not None or target_flops_ratio is not None
+               or target_latency_ratio is not None,
+               "give a target: keep_ratio, num_to_prune, target_flops_ratio or target_latency_ratio")  # fmt: skip
         _check(keep_ratio is None or (isinstance(keep_ratio, (int, float)) and 0 < keep_ratio < 1),
                f"keep_ratio must be in (0, 1), got {keep_ratio!r}")  # fmt: skip
         _check(num_to_prune is None or (isinstance(num_to_prune, int) and num_to_prune >= 1),
@@ -152,6 +170,12 @@ class TaylorPruningCallback(Callback):
         _check(max_loss is None or max_loss > 0, f"max_loss must be positive, got {max_loss!r}")
         _check(target_flops_ratio is None or 0 < target_flops_ratio < 1,
                f"target_flops_ratio must be in (0, 1), got {target_flops_ratio!r}")  # fmt: skip
+        _check(target_latency_ratio is None or 0 < target_latency_ratio < 1,
+               f"target_latency_ratio must be in (0, 1), got {target_latency_ratio!r}")  # fmt: skip
+        _check(isinstance(latency_width_step, int) and latency_width_step >= 1,
+               f"latency_width_step must be a positive int, got {latency_width_step!r}")  # fmt: skip
+        _check(latency_batch_size is None or (isinstance(latency_batch_size, int) and latency_batch_size >= 1),
+               f"latency_batch_size must be a positive int, got {latency_batch_size!r}")  # fmt: skip
         _check(pruning_steps is None or (isinstance(pruning_steps, int) and pruning_steps >= 1)
                or (isinstance(pruning_steps, float) and 0 < pruning_steps <= 1),
                f"pruning_steps must be an int >= 1 or a float in (0, 1], got {pruning_steps!r}")  # fmt: skip
@@ -183,6 +207,12 @@ class TaylorPruningCallback(Callback):
         self.compact_on_fit_end = compact_on_fit_end
         self.compact_path = compact_path
         self.compact_round_to = compact_round_to
+        self.target_latency_ratio = target_latency_ratio
+        self.latency_table = latency_table
+        self.latency_batch_size = latency_batch_size
+        self.latency_width_step = latency_width_step
+        self.initial_latency: float | None = None  # predicted seconds of the network before pruning
+        self._latency_selector: LatencySelector | None = None
         self.pruning_steps = pruning_steps
         self.schedule = schedule
         self.compact_when_done = compact_when_done
@@ -378,6 +408,10 @@ class TaylorPruningCallback(Callback):
         self._alive = all_alive.clone()
         self._initial_prunable = graph.num_prunable
         self.initial_flops, self.initial_params = self._cost.flops(all_alive), self._cost.params(all_alive)
+        if self.target_latency_ratio is not None:
+            self.latency_table = self._measured_table(trainer, network, example)
+            self._latency_selector = LatencySelector(graph, self.latency_table, self.min_channels)
+            self.initial_latency = self.latency_table.predict(all_alive)
         self._plan(self._selector.max_removable(all_alive), trainer)
         if self._pending_state is not None:
             self._restore(self._pending_state)
@@ -392,6 +426,21 @@ class TaylorPruningCallback(Callback):
         plan = f"{self._describe_plan()} ({self.criterion.name})"
         rank_zero_info(f"TaylorPruningCallback: {summary}; {plan}.\n{causes}".rstrip())
 
+    def _measured_table(self, trainer: pl.Trainer, network: nn.Module, example: Any) -> LatencyTable:
+        """The latency table: the one given, else the one in a checkpoint being resumed, else measured on rank
+        zero and sent to every rank (each rank then takes the same decisions)."""
+        saved = (self._pending_state or {}).get("latency_table")
+        if self.latency_table is not None or saved is not None:
+            return self.latency_table if self.latency_table is not None else _table_from_state(saved)
+        table = None
+        if trainer.is_global_zero:
+            rank_zero_info("TaylorPruningCallback: measuring the latency table (cached for the next runs)...")
+            parameter = next(network.parameters())
+            table = LatencyTable.build(network, example, self.graph, batch_size=self.latency_batch_size,
+                                       dtype=parameter.dtype, device=parameter.device,
+                                       width_step=self.latency_width_step)  # fmt: skip
+        return trainer.strategy.broadcast(table, src=0)
+
     def _attach_distiller(self, trainer: pl.Trainer, network: nn.Module) -> None:
         """The distillation gradient on ``network``'s output, scaled like the loss' gradient (AMP scale,
         accumulation)."""
@@ -399,8 +448,10 @@ class TaylorPruningCallback(Callback):
             self._distiller.attach(network, lambda: _loss_scale(trainer) / trainer.accumulate_grad_batches)
 
     def _describe_plan(self) -> str:
-        what = (f"down to {self.target_flops_ratio:g}x the FLOPs" if self.target_flops_ratio is not None
-                and self.keep_ratio is None and self.num_to_prune is None else f"{self._target} neurons")  # fmt: skip
+        costs = [f"{r:g}x the {what}" for r, what in ((self.target_flops_ratio, "FLOPs"),
+                 (self.target_latency_ratio, "predicted latency")) if r is not None]  # fmt: skip
+        what = (f"down to {' and '.join(costs)}" if costs and self.keep_ratio is None and self.num_to_prune is None
+                else f"{self._target} neurons")  # fmt: skip
         if self._num_pruning_steps:
             return (f"removing {what} in {self._num_pruning_steps} pruning steps, one every "
                     f"{self.prune_every_n_batches} optimizer steps ({self.schedule} schedule)")  # fmt: skip
@@ -430,17 +481,24 @@ class TaylorPruningCallback(Callback):
         if self.pruning_steps is not None:
             self._num_pruning_steps = _pruning_step_count(self.pruning_steps, self.prune_every_n_batches, trainer)
 
-    def _goal(self) -> tuple[int, float | None]:
-        """What the next pruning step removes up to: neurons, and the FLOPs ratio (None: no FLOPs target)."""
+    def _goal(self) -> tuple[int, float | None, float | None]:
+        """What the next pruning step removes up to: neurons, and the FLOPs and latency ratios (None: no such
+        target)."""
+        latency = self.target_latency_ratio
         if not self._num_pruning_steps:
-            return min(self.num_pruned + self._step_size, self._target), self.target_flops_ratio
+            if latency is not None:  # falls by the step's fraction of the prunable neurons
+                latency = max(latency, 1 - (self._pruning_step + 1) * self._step_size / self._initial_prunable)
+            return min(self.num_pruned + self._step_size, self._target), self.target_flops_ratio, latency
         share = schedule_share(self.schedule, self._pruning_step + 1, self._num_pruning_steps)
         neurons = self._target if share >= 1 else math.floor(share * self._target)  # the target at step P
-        if self.target_flops_ratio is None:
-            return neurons, None
-        if self.keep_ratio is None and self.num_to_prune is None:
-            neurons = self._target  # as many as the FLOPs share takes
-        return neurons, 1 - share * (1 - self.target_flops_ratio)
+        if self.keep_ratio is None and self.num_to_prune is None and self._cost_targets():
+            neurons = self._target  # as many as the FLOPs and latency shares take
+        flops = None if self.target_flops_ratio is None else 1 - share * (1 - self.target_flops_ratio)
+        latency = None if latency is None else 1 - share * (1 - latency)
+        return neurons, flops, latency
+
+    def _cost_targets(self) -> bool:
+        return self.target_flops_ratio is not None or self.target_latency_ratio is not None
 
     # -- importance accumulation -----------------------------------------------------------------------------
     @override
@@ -517,7 +575,7 @@ class TaylorPruningCallback(Callback):
         loss = None if self._loss is None else float(self._loss)
         if loss is not None and not math.isfinite(loss):
             loss = None  # no finite loss seen yet (on some rank): unknown, max_loss can't judge it
-        goal_neurons, goal_flops = self._goal()
+        goal_neurons, goal_flops, goal_latency = self._goal()
         self._pruning_step += 1
         count = goal_neurons - self.num_pruned
         if count <= 0:  # a schedule's share that rounds to no new neuron: importance keeps accumulating
@@ -526,26 +584,66 @@ class TaylorPruningCallback(Callback):
             stop = True
             chosen = torch.empty(0, dtype=torch.long)
         else:
-            chosen = self._selector.select(neuron_scores(self.graph, self.importance), self._alive, count)
-            chosen = self._trim_to_flops_target(chosen, goal_flops)
+            chosen = self._choose(neuron_scores(self.graph, self.importance), count, goal_flops, goal_latency)
             stop = False
         # one decision for every rank (rank zero's), even if floating point ever differed between them
         chosen, stop = broadcast_decision(trainer, chosen, stop, count)
         if stop:
             self._finish(trainer, f"smoothed training loss {loss:.4f} exceeded max_loss={self.max_loss}")
             return
-        self._remove(trainer, chosen, loss)
+        if chosen.numel():
+            self._remove(trainer, chosen, loss)
         if self.num_pruned >= self._target:
             self._finish(trainer, "target reached")
-        elif self.target_flops_ratio is not None and self.initial_flops:
-            ratio = self.history[-1].flops / self.initial_flops
-            if ratio <= self.target_flops_ratio:
-                self._finish(trainer, f"FLOPs target reached ({ratio:.3f} <= {self.target_flops_ratio})")
+            return
+        reached = self._cost_targets_reached()
+        if reached:
+            self._finish(trainer, reached)
+        elif not chosen.numel() and goal_latency == self.target_latency_ratio and goal_flops == self.target_flops_ratio:
+            self._finish(trainer, "no neuron can go without emptying a layer below min_channels: target not reached")
 
-    def _trim_to_flops_target(self, chosen: torch.Tensor, ratio: float | None) -> torch.Tensor:
-        """The shortest prefix of ``chosen`` (lowest scores first) that brings the FLOPs down to ``ratio`` of
-        the initial FLOPs, or all of it: the target is met, not overshot by the rest of a step."""
-        if ratio is None or not self.initial_flops or chosen.numel() <= 1:
+    def _choose(self, scores: torch.Tensor, count: int, goal_flops: float | None, goal_latency: float | None) -> torch.Tensor:
+        """The neurons this step removes, lowest scores first: at most ``count``, the most important kept
+        under the latency goal, then as few more as the FLOPs goal takes."""
+        assert self._alive is not None
+        if goal_latency is None or self._latency_selector is None or self.initial_latency is None:
+            return self._trim_to_flops_target(self._selector.select(scores, self._alive, count), goal_flops)
+        keep = self._latency_selector.select(scores, self._alive, goal_latency * self.initial_latency)
+        chosen = torch.nonzero(self._alive & ~keep).flatten()
+        chosen = chosen[torch.sort(scores[chosen], stable=True).indices][:count]
+        if goal_flops is None or len(chosen) >= count:
+            return chosen
+        left = self._alive.clone()
+        left[chosen] = False
+        if self._cost.flops(left) <= goal_flops * self.initial_flops:
+            return chosen
+        more = self._selector.select(scores, left, count - len(chosen))
+        return self._trim_to_flops_target(torch.cat([chosen, more]), goal_flops, len(chosen))
+
+    def _cost_targets_reached(self) -> str | None:
+        """Why pruning is over when every FLOPs and latency target given is met, else None."""
+        if not self._cost_targets() or not self.history:
+            return None
+        names, parts = [], []
+        if self.target_flops_ratio is not None:
+            ratio = self.history[-1].flops / self.initial_flops
+            if ratio > self.target_flops_ratio:
+                return None
+            names.append("FLOPs")
+            parts.append(f"{ratio:.3f} <= {self.target_flops_ratio}")
+        if self.target_latency_ratio is not None:
+            ratio = self.history[-1].latency / self.initial_latency
+            if ratio > self.target_latency_ratio:
+                return None
+            names.append("latency")
+            parts.append(f"predicted {ratio:.3f} <= {self.target_latency_ratio}")
+        return f"{' and '.join(names)} target{'s' if len(names) > 1 else ''} reached ({', '.join(parts)})"
+
+    def _trim_to_flops_target(self, chosen: torch.Tensor, ratio: float | None, least: int = 0) -> torch.Tensor:
+        """The shortest prefix of ``chosen`` (lowest scores first, the first ``least`` always) that brings the
+        FLOPs down to ``ratio`` of the initial FLOPs, or all of it: the target is met, not overshot by the rest
+        of a step."""
+        if ratio is None or not self.initial_flops or chosen.numel() <= max(1, least):
             return chosen
         budget = ratio * self.initial_flops
         priority = self._revival_priority()
@@ -558,7 +656,7 @@ class TaylorPruningCallback(Callback):
                 alive = round_alive(self.graph, alive, self.compact_round_to, priority)
             return self._cost.flops(alive)
 
-        return chosen[: fewest_reaching(flops, chosen.numel(), budget)]
+        return chosen[: least + fewest_reaching(lambda k: flops(least + k), chosen.numel() - least, budget)]
 
     def _remove(self, trainer: pl.Trainer, chosen: torch.Tensor, loss: float | None) -> None:
         assert self.graph is not None and self._alive is not None
@@ -589,6 +687,8 @@ class TaylorPruningCallback(Callback):
         self.history.append(record)  # first: rounding widths reads the removal order from the history
         compact_alive = self._compact_alive()
         record.flops, record.params = self._cost.flops(compact_alive), self._cost.params(compact_alive)
+        if self.latency_table is not None and self.initial_latency is not None:
+            record.latency = self.latency_table.predict(compact_alive)
         self._log(trainer, record)
 
     def _compact_alive(self) -> torch.Tensor:
@@ -658,6 +758,9 @@ class TaylorPruningCallback(Callback):
             "pruning/params": record.params if record else self.initial_params,
             "pruning/flops_kept": flops / self.initial_flops if self.initial_flops else 1.0,
         }
+        if self.initial_latency:
+            latency = record.latency if record and record.latency is not None else self.initial_latency
+            metrics["pruning/latency_kept"] = latency / self.initial_latency
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
         trainer.progress_bar_metrics["neurons"] = self.neurons_remaining  # self.log would make it a float
 
@@ -747,6 +850,7 @@ class TaylorPruningCallback(Callback):
             "trace": self.masks.trace,
             "compacted": self.compacted,
             "network_path": self._network_path,
+            "latency_table": None if self._latency_selector is None else _table_state(self.latency_table),
             # the teacher is the network before pruning: a resumed run must not distil from a pruned one
             "teacher": None if self._distiller is None else {k: v.cpu() for k, v in self._distiller.teacher.state_dict().items()},
         }
@@ -824,6 +928,16 @@ def _pruning_step_count(pruning_steps: int | float, every: int, trainer: pl.Trai
             )
         pruning_steps = max(1, round(pruning_steps * total))
     return max(1, pruning_steps // every)
+
+
+def _table_state(table: LatencyTable) -> dict[str, Any]:
+    """The latency table as plain containers and tensors (a checkpoint loads it without unpickling classes)."""
+    return dataclasses.asdict(table)
+
+
+def _table_from_state(state: dict[str, Any]) -> LatencyTable:
+    layers = {name: LayerLatency(**layer) for name, layer in state["layers"].items()}
+    return LatencyTable(**{**state, "layers": layers})
 
 
 def _check(condition: bool, message: str) -> None:

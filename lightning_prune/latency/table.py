@@ -10,12 +10,13 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import fx, nn
 from tqdm.auto import tqdm
 
 from lightning_prune.compaction.compact import architecture_fingerprint
@@ -26,7 +27,9 @@ from lightning_prune.dependency.trace import as_call_args
 
 @dataclass(eq=False)
 class LayerLatency:
-    """Latency of one Conv/Linear layer (the layer alone, without what follows it).
+    """Latency of one Conv/Linear layer, timed with the BatchNorm that directly reads its output and the
+    elementwise activation after them (ReLU, ReLU6, SiLU, GELU, Hardswish) when the network has them,
+    at the layer's output width.
 
     Measured along two axes through the full-width point: output widths ``out_widths`` with the input at
     full width (``out_seconds``) and input widths ``in_widths`` with the output at full width
@@ -76,6 +79,28 @@ class LatencyTable:
         padded = torch.cat([alive.to("cpu", torch.bool), torch.tensor([False])])
         return self.rest + sum(layer.seconds(*layer.widths(padded)) for layer in self.layers.values())
 
+    def calibrated(self, alive: torch.Tensor, measured: float, full_measured: float) -> LatencyTable:
+        """A copy of the table whose prediction is the linear map ``a * predict + b`` through two measured
+        points of the network: at full width (``full_measured`` seconds) and compacted to ``alive``
+        (``measured`` seconds). Its layers are scaled by ``a`` and its rest is ``a * rest + b``, so the
+        knapsack's choices under a budget are the same, only what a budget in seconds means changes. When
+        the two points cannot fix a positive slope (``alive`` too close to full width), the prediction is
+        scaled by ``full_measured / predict(full)``."""
+        full = torch.ones_like(alive, dtype=torch.bool)
+        p_full, p = self.predict(full), self.predict(alive)
+        slope = (full_measured - measured) / (p_full - p) if p_full - p > 1e-3 * p_full else 0.0
+        if slope <= 0:
+            slope, offset = full_measured / p_full, 0.0
+        else:
+            offset = full_measured - slope * p_full
+        layers = {
+            name: replace(layer, in_seconds=[slope * s for s in layer.in_seconds],
+                          out_seconds=[slope * s for s in layer.out_seconds])
+            for name, layer in self.layers.items()
+        }  # fmt: skip
+        env = {**self.env, "calibration": {"slope": slope, "offset": offset}}
+        return LatencyTable(layers, slope * self.rest + offset, self.width_step, env, self.measurements)
+
     @classmethod
     def build(
         cls,
@@ -95,12 +120,14 @@ class LatencyTable:
     ) -> LatencyTable:
         """Measure (median of ``repeats`` after ``warmup`` runs) each prunable Conv/Linear layer of ``model``
         at the widths it can take: multiples of ``width_step`` channels and its full width, on the axes a
-        prunable neuron changes (a depthwise convolution: its output only). Each layer is rebuilt alone at
-        every width, fed random input of the spatial size it sees on ``example_input`` with ``batch_size``
-        examples (default: the example's). Timings are cached in ``cache_dir`` (default:
-        ``$LIGHTNING_PRUNE_CACHE/latency``, else ``~/.cache/lightning_prune/latency``), one JSON file per
-        device, torch version, thread count, batch size, dtype and memory format, keyed by layer shape
-        and widths: what is there is reused, only what is missing is measured.
+        prunable neuron changes (a depthwise convolution: its output only). Each layer is rebuilt at every
+        width, with the BatchNorm that alone reads its output and the activation that alone reads theirs
+        (found on the traced graph) at the same width, fed random input of the spatial size it sees on
+        ``example_input`` with ``batch_size`` examples (default: the example's). Timings are cached in
+        ``cache_dir`` (default: ``$LIGHTNING_PRUNE_CACHE/latency``, else
+        ``~/.cache/lightning_prune/latency``), one JSON file per device, torch version, thread count, batch
+        size, dtype and memory format, keyed by layer shape (with the BatchNorm and activation timed with
+        it) and widths: what is there is reused, only what is missing is measured.
         """
         graph = graph if graph is not None else build_dependency_graph(model, example_input)
         device = torch.device(device)
@@ -110,7 +137,7 @@ class LatencyTable:
         specs = _layer_specs(model, args, kwargs, graph)
         env = {
             "device": _device_name(device),
-            "torch": torch.__version__,
+            "torch": str(torch.__version__),  # a plain str: checkpoints load it with weights_only
             "threads": torch.get_num_threads() if device.type == "cpu" else None,
             "batch": batch,
             "dtype": str(dtype),
@@ -267,12 +294,15 @@ def _layer_specs(model: nn.Module, args: Any, kwargs: Any, graph: DependencyGrap
         for m, training in modes.items():
             m.training = training
     specs = {}
+    followers = _followers(graph)
     for name in graph.readers:
         module = graph.modules[name]
         if name not in shapes or name not in graph.writers:
             continue
         if type(module) is nn.Linear:
             specs[name] = {"type": "Linear", "bias": module.bias is not None, "input": list(shapes[name][1:-1])}
+            if specs[name]["input"] and "bn" in followers.get(name, {}):  # BatchNorm1d reads (N, C) only here
+                del followers[name]["bn"]
         elif type(module) in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
             depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
             specs[name] = {
@@ -286,7 +316,90 @@ def _layer_specs(model: nn.Module, args: Any, kwargs: Any, graph: DependencyGrap
                 "padding_mode": module.padding_mode,
                 "input": list(shapes[name][2:]),
             }
+        if name in specs:
+            specs[name].update(followers.get(name, {}))  # no entry when nothing follows: the layer alone
     return specs
+
+
+_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish)
+_ACTIVATION_FUNCTIONS = {
+    F.relu: "ReLU", torch.relu: "ReLU", F.relu6: "ReLU6", F.silu: "SiLU", F.gelu: "GELU", F.hardswish: "Hardswish",
+}  # fmt: skip
+_ACTIVATION_METHODS = {"relu": "ReLU", "relu_": "ReLU"}
+
+
+def _followers(graph: DependencyGraph) -> dict[str, dict[str, str]]:
+    """Per Conv/Linear layer, what the table times with it: ``bn``, the BatchNorm class that is the only
+    reader of the layer's output, and ``act``, the activation (``"ReLU"``, ``"ReLU(inplace)"``,
+    ``"GELU(tanh)"``...) that is the only reader of that (or of the layer's output when there is no
+    BatchNorm). Found on the traced graph; modules are matched by identity, so a ``prefix`` does not matter."""
+    names = {id(module): name for name, module in graph.modules.items()}
+    traced = graph.traced
+
+    def module_of(node: fx.Node) -> nn.Module | None:
+        return traced.get_submodule(node.target) if node.op == "call_module" else None
+
+    def only_reader(node: fx.Node) -> fx.Node | None:
+        users = list(node.users)
+        return users[0] if len(users) == 1 and users[0].args and users[0].args[0] is node else None
+
+    def activation(node: fx.Node | None) -> str | None:
+        if node is None:
+            return None
+        module = module_of(node)
+        if module is not None:
+            if type(module) not in _ACTIVATIONS:
+                return None
+            kind, inplace = type(module).__name__, getattr(module, "inplace", False)
+            approximate = getattr(module, "approximate", "none")
+        elif node.op == "call_function" and node.target in _ACTIVATION_FUNCTIONS:
+            kind = _ACTIVATION_FUNCTIONS[node.target]
+            inplace = bool(node.kwargs.get("inplace", node.args[1] if len(node.args) > 1 else False))
+            approximate = node.kwargs.get("approximate", "none")
+        elif node.op == "call_function" and node.target is torch.relu_:
+            kind, inplace, approximate = "ReLU", True, "none"
+        elif node.op == "call_method" and node.target in _ACTIVATION_METHODS:
+            kind, inplace, approximate = "ReLU", node.target.endswith("_"), "none"
+        else:
+            return None
+        options = [o for o in ("inplace" if inplace and kind != "GELU" else None,
+                               approximate if kind == "GELU" and approximate != "none" else None) if o]  # fmt: skip
+        return f"{kind}({','.join(options)})" if options else kind
+
+    followers: dict[str, dict[str, str]] = {}
+    for node in traced.graph.nodes:
+        module = module_of(node)
+        name = names.get(id(module)) if module is not None else None
+        if name not in graph.readers or not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+            continue
+        after: dict[str, str] = {}
+        last, reader = node, only_reader(node)
+        norm = module_of(reader) if reader is not None else None
+        if isinstance(norm, nn.modules.batchnorm._BatchNorm) and type(norm) in (nn.BatchNorm1d, nn.BatchNorm2d,
+                                                                                nn.BatchNorm3d):  # fmt: skip
+            after["bn"] = type(norm).__name__
+            last = reader
+        act = activation(only_reader(last))
+        if act is not None:
+            after["act"] = act
+        if after:
+            followers[name] = after
+    return followers
+
+
+def _follower_modules(spec: dict[str, Any], width: int) -> list[nn.Module]:
+    """The BatchNorm and activation of ``spec`` (see :func:`_followers`) at ``width`` channels."""
+    modules: list[nn.Module] = []
+    if "bn" in spec:
+        modules.append(getattr(nn, spec["bn"])(width))
+    if "act" in spec:
+        kind, _, options = spec["act"].partition("(")
+        options = options.rstrip(")").split(",") if options else []
+        if kind == "GELU":
+            modules.append(nn.GELU(approximate=options[0] if options else "none"))
+        else:
+            modules.append(getattr(nn, kind)(inplace="inplace" in options))
+    return modules
 
 
 def _key(spec: dict[str, Any]) -> str:
@@ -294,7 +407,18 @@ def _key(spec: dict[str, Any]) -> str:
 
 
 def _standalone(spec: dict[str, Any], i: int, o: int, batch: int) -> tuple[nn.Module, torch.Tensor]:
-    """A fresh layer of ``spec`` with ``i`` input and ``o`` output channels, and an input for it."""
+    """A fresh layer of ``spec`` with ``i`` input and ``o`` output channels, followed by its BatchNorm and
+    activation at ``o`` channels when it has them, and an input for it."""
+    layer, x = _bare(spec, i, o, batch)
+    after = _follower_modules(spec, o)
+    return (_Unit(layer, *after) if after else layer), x
+
+
+class _Unit(nn.Sequential):
+    """A Conv/Linear layer and the BatchNorm and activation timed with it."""
+
+
+def _bare(spec: dict[str, Any], i: int, o: int, batch: int) -> tuple[nn.Module, torch.Tensor]:
     if spec["type"] == "Linear":
         return nn.Linear(i, o, bias=spec["bias"]), torch.randn(batch, *spec["input"], i)
     groups = spec["groups"]

@@ -24,6 +24,7 @@ class PruningRecord:
     flops: int  # per example, of the network with removed neurons cut out
     params: int
     removed: list[dict[str, int | str]] = field(default_factory=list)  # {"layer", "index"} per channel
+    latency: float | None = None  # predicted seconds of the compact network (with a latency target)
 
     def as_dict(self) -> dict:
         return asdict(self)

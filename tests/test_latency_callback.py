@@ -1,0 +1,117 @@
+"""``target_latency_ratio``: the callback keeps the most important neurons under a latency budget that falls
+along the schedule, with the table measured once (or taken from the checkpoint on resume)."""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import SmallResNet, synthetic_loader, trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+
+import lightning_prune.latency.table as table_module
+from lightning_prune import PruningConfigurationError, TaylorPruningCallback
+
+
+class UserModule(pl.LightningModule):
+    """As users write it: no ``forward``, no ``example_input_array``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = SmallResNet(width=16)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+def block_time(module: nn.Module, args, kwargs, warmup: int, repeats: int) -> float:
+    """A device computing channels in blocks of 8: a layer costs per pair of 8-channel blocks and output
+    position; the whole network (several layers) 1 ms."""
+    layers = [m for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    if len(layers) != 1:
+        return 1e-3
+    layer, x = layers[0], args[0]
+    if isinstance(layer, nn.Linear):
+        return 1e-7 * math.ceil(layer.in_features / 8) * math.ceil(layer.out_features / 8)
+    blocks = math.ceil(layer.in_channels / 8) * math.ceil(layer.out_channels / 8) / layer.groups
+    return 1e-7 * blocks * x.shape[-1] * x.shape[-2] / layer.stride[0] ** 2
+
+
+@pytest.fixture
+def timer(monkeypatch, tmp_path):
+    """Deterministic timings (``block_time``) cached under ``tmp_path``; the list of timed modules."""
+    monkeypatch.setenv("LIGHTNING_PRUNE_CACHE", str(tmp_path / "cache"))
+    calls = []
+
+    def timed(module, *rest):
+        calls.append(module)
+        return block_time(module, *rest)
+
+    monkeypatch.setattr(table_module, "_time", timed)
+    return calls
+
+
+def _fit(cb, steps: int = 16, ckpt_path=None, checkpoint=None) -> UserModule:
+    torch.manual_seed(0)
+    module = UserModule()
+    callbacks = [cb] + ([checkpoint] if checkpoint else [])
+    trainer(callbacks=callbacks, max_steps=steps, enable_checkpointing=checkpoint is not None).fit(
+        module, synthetic_loader(), ckpt_path=ckpt_path
+    )
+    return module
+
+
+def test_each_step_meets_its_latency_budget_at_widths_where_latency_drops(timer):
+    cb = TaylorPruningCallback(target_latency_ratio=0.6, prune_every_n_batches=2, pruning_steps=8, schedule="linear")
+    _fit(cb)
+    assert timer and cb.latency_table.measurements == len(timer)
+    assert [r.step for r in cb.history] == [2, 4, 6, 8]
+    for i, record in enumerate(cb.history, start=1):  # the budget falls linearly to 0.6 at step 4
+        assert record.latency <= (1 - i / 4 * 0.4) * cb.initial_latency + 1e-12
+    assert cb.done and cb.stop_reason.startswith("latency target reached")
+    assert cb.history[-1].latency == pytest.approx(cb.latency_table.predict(cb.graph.alive_from_masks(cb.masks)))
+    for name, mask in cb.masks.items():  # whole blocks of 8 channels go: the block timer's steps
+        assert int(mask.sum()) % 8 == 0, name
+
+
+def test_latency_and_flops_targets_are_both_met(timer):
+    cb = TaylorPruningCallback(target_latency_ratio=0.9, target_flops_ratio=0.5, prune_every_n_batches=2, pruning_steps=8)
+    _fit(cb)
+    last = cb.history[-1]
+    assert last.latency <= 0.9 * cb.initial_latency and last.flops <= 0.5 * cb.initial_flops
+    assert cb.stop_reason.startswith("FLOPs and latency targets reached")
+
+
+def test_resume_takes_the_table_from_the_checkpoint_and_ends_where_the_uninterrupted_run_does(timer, tmp_path):
+    def callback():
+        return TaylorPruningCallback(target_latency_ratio=0.6, prune_every_n_batches=2, pruning_steps=8, schedule="linear")
+
+    whole = callback()
+    _fit(whole)
+    assert [r.step for r in whole.history] == [2, 4, 6, 8]  # two pruning steps after the checkpoint
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
+    _fit(callback(), steps=4, checkpoint=checkpoint)
+    timer.clear()
+    resumed = callback()
+    _fit(resumed, ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=4.ckpt"))
+    assert not timer  # nothing measured again: the checkpoint's table
+    assert [r.as_dict() for r in resumed.history] == [r.as_dict() for r in whole.history]
+    assert all(torch.equal(resumed.masks[n], whole.masks[n]) for n in whole.masks)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"target_latency_ratio": 1.5}, "target_latency_ratio must be in"),
+    ({"target_latency_ratio": 0.5, "latency_width_step": 0}, "latency_width_step"),
+    ({"target_latency_ratio": 0.5, "latency_batch_size": 0}, "latency_batch_size"),
+])  # fmt: skip
+def test_invalid_latency_arguments(kwargs, match):
+    with pytest.raises(PruningConfigurationError, match=match):
+        TaylorPruningCallback(**kwargs)
