@@ -14,7 +14,9 @@ from lightning_prune.ops.registry import traced_as_one_op
 
 
 class _Tracer(fx.Tracer):
-    """torch.fx tracer that also keeps as leaves user-named modules and modules with a user op rule."""
+    """torch.fx tracer that also keeps as leaves user-named modules, modules with a user op rule and every
+    BatchNorm subclass (timm's ``BatchNormAct2d`` calls ``F.batch_norm(training=self.training)``: traced
+    through, the mode of the traced step would be frozen into the graph and the compact network)."""
 
     def __init__(self, leaf_modules: Iterable[str] = ()) -> None:
         super().__init__()
@@ -24,6 +26,7 @@ class _Tracer(fx.Tracer):
         return (
             module_qualified_name in self._leaf_names
             or traced_as_one_op(m)
+            or isinstance(m, nn.modules.batchnorm._BatchNorm)
             or super().is_leaf_module(m, module_qualified_name)
         )
 
