@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from helpers import synthetic_time
 from torch.utils.data import TensorDataset
 
 from lightning_prune.data import cifar10_jpeg_archive, load_cifar10_jpeg_subset, shared_data_dir
@@ -30,3 +31,20 @@ def data_dir() -> Path:
 def cifar_test_subset(data_dir: Path) -> TensorDataset:
     """20 images per class of the JPEG test split, normalised for the pretrained ResNets."""
     return load_cifar10_jpeg_subset(cifar10_jpeg_archive(data_dir), split="test", per_class=20)
+
+
+@pytest.fixture
+def counted(monkeypatch, tmp_path):
+    """Latency tables timed by ``synthetic_time`` (deterministic), cached under ``tmp_path`` by default; the
+    list of timed modules."""
+    import lightning_prune.latency.table as table_module
+
+    monkeypatch.setenv("LIGHTNING_PRUNE_CACHE", str(tmp_path / "cache"))
+    calls = []
+
+    def timer(module, *rest):
+        calls.append(module)
+        return synthetic_time(module, *rest)
+
+    monkeypatch.setattr(table_module, "_time", timer)
+    return calls

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import pickle
 
 import numpy as np
@@ -14,44 +13,15 @@ import torch.nn.functional as F
 from torch import nn
 
 import lightning_prune.latency.table as table_module
-from helpers import SmallCNN
+from helpers import SmallCNN, synthetic_time
 from lightning_prune import LatencySelector, LatencyTable, build_dependency_graph
 from lightning_prune.latency.selection import _knapsack
 from lightning_prune.models import cifar_resnet20
 from lightning_prune.pruner.selection import NeuronSelector
 
 
-def synthetic_time(module, args, kwargs, warmup, repeats):
-    """Seconds a device computing channels in blocks of 8 would take (a BatchNorm or activation timed with
-    a layer: 1 ns per output value); the whole network: 1 ms."""
-    if isinstance(module, table_module._Unit):
-        layer, *after = module
-        out = layer(args[0])
-        return synthetic_time(layer, args, kwargs, warmup, repeats) + 1e-9 * len(after) * out.numel()
-    if isinstance(module, nn.Conv2d):
-        positions = args[0].shape[0] * args[0].shape[-1] * args[0].shape[-2] / module.stride[0] ** 2
-        blocks = math.ceil(module.out_channels / 8) * math.ceil(module.in_channels / 8)
-        return 1e-6 + 1e-9 * blocks * 64 * positions * module.kernel_size[0] ** 2 / module.groups
-    if isinstance(module, nn.Linear):
-        return 1e-6 + 1e-9 * module.in_features * module.out_features
-    return 1e-3
-
-
 def seconds(table: LatencyTable) -> dict[str, tuple[list[float], list[float]]]:
     return {name: (layer.in_seconds, layer.out_seconds) for name, layer in table.layers.items()}
-
-
-@pytest.fixture
-def counted(monkeypatch):
-    """Replace the timer by ``synthetic_time``; the list of timed modules."""
-    calls = []
-
-    def timer(module, *rest):
-        calls.append(module)
-        return synthetic_time(module, *rest)
-
-    monkeypatch.setattr(table_module, "_time", timer)
-    return calls
 
 
 def test_cache_key_and_reuse(tmp_path, monkeypatch, counted):

@@ -3,17 +3,12 @@ along the schedule, with the table measured once (or taken from the checkpoint o
 
 from __future__ import annotations
 
-import math
-
 import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
 from helpers import SmallResNet, synthetic_loader, trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from torch import nn
-
-import lightning_prune.latency.table as table_module
 from lightning_prune import PruningConfigurationError, TaylorPruningCallback
 
 
@@ -32,33 +27,6 @@ class UserModule(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
 
 
-def block_time(module: nn.Module, args, kwargs, warmup: int, repeats: int) -> float:
-    """A device computing channels in blocks of 8: a layer costs per pair of 8-channel blocks and output
-    position; the whole network (several layers) 1 ms."""
-    layers = [m for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    if len(layers) != 1:
-        return 1e-3
-    layer, x = layers[0], args[0]
-    if isinstance(layer, nn.Linear):
-        return 1e-7 * math.ceil(layer.in_features / 8) * math.ceil(layer.out_features / 8)
-    blocks = math.ceil(layer.in_channels / 8) * math.ceil(layer.out_channels / 8) / layer.groups
-    return 1e-7 * blocks * x.shape[-1] * x.shape[-2] / layer.stride[0] ** 2
-
-
-@pytest.fixture
-def timer(monkeypatch, tmp_path):
-    """Deterministic timings (``block_time``) cached under ``tmp_path``; the list of timed modules."""
-    monkeypatch.setenv("LIGHTNING_PRUNE_CACHE", str(tmp_path / "cache"))
-    calls = []
-
-    def timed(module, *rest):
-        calls.append(module)
-        return block_time(module, *rest)
-
-    monkeypatch.setattr(table_module, "_time", timed)
-    return calls
-
-
 def _fit(cb, steps: int = 16, ckpt_path=None, checkpoint=None) -> UserModule:
     torch.manual_seed(0)
     module = UserModule()
@@ -69,20 +37,20 @@ def _fit(cb, steps: int = 16, ckpt_path=None, checkpoint=None) -> UserModule:
     return module
 
 
-def test_each_step_meets_its_latency_budget_at_widths_where_latency_drops(timer):
+def test_each_step_meets_its_latency_budget_at_widths_where_latency_drops(counted):
     cb = TaylorPruningCallback(target_latency_ratio=0.6, prune_every_n_batches=2, pruning_steps=8, schedule="linear")
     _fit(cb)
-    assert timer and cb.latency_table.measurements == len(timer)
+    assert counted and cb.latency_table.measurements == len(counted)
     assert [r.step for r in cb.history] == [2, 4, 6, 8]
     for i, record in enumerate(cb.history, start=1):  # the budget falls linearly to 0.6 at step 4
         assert record.latency <= (1 - i / 4 * 0.4) * cb.initial_latency + 1e-12
     assert cb.done and cb.stop_reason.startswith("latency target reached")
     assert cb.history[-1].latency == pytest.approx(cb.latency_table.predict(cb.graph.alive_from_masks(cb.masks)))
-    for name, mask in cb.masks.items():  # whole blocks of 8 channels go: the block timer's steps
+    for name, mask in cb.masks.items():  # whole blocks of 8 channels go: the table's width steps
         assert int(mask.sum()) % 8 == 0, name
 
 
-def test_latency_and_flops_targets_are_both_met(timer):
+def test_latency_and_flops_targets_are_both_met(counted):
     cb = TaylorPruningCallback(target_latency_ratio=0.9, target_flops_ratio=0.5, prune_every_n_batches=2, pruning_steps=8)
     _fit(cb)
     last = cb.history[-1]
@@ -90,7 +58,7 @@ def test_latency_and_flops_targets_are_both_met(timer):
     assert cb.stop_reason.startswith("FLOPs and latency targets reached")
 
 
-def test_resume_takes_the_table_from_the_checkpoint_and_ends_where_the_uninterrupted_run_does(timer, tmp_path):
+def test_resume_takes_the_table_from_the_checkpoint_and_ends_where_the_uninterrupted_run_does(counted, tmp_path):
     def callback():
         return TaylorPruningCallback(target_latency_ratio=0.6, prune_every_n_batches=2, pruning_steps=8, schedule="linear")
 
@@ -99,10 +67,10 @@ def test_resume_takes_the_table_from_the_checkpoint_and_ends_where_the_uninterru
     assert [r.step for r in whole.history] == [2, 4, 6, 8]  # two pruning steps after the checkpoint
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
     _fit(callback(), steps=4, checkpoint=checkpoint)
-    timer.clear()
+    counted.clear()
     resumed = callback()
     _fit(resumed, ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=4.ckpt"))
-    assert not timer  # nothing measured again: the checkpoint's table
+    assert not counted  # nothing measured again: the checkpoint's table
     assert [r.as_dict() for r in resumed.history] == [r.as_dict() for r in whole.history]
     assert all(torch.equal(resumed.masks[n], whole.masks[n]) for n in whole.masks)
 
