@@ -44,12 +44,17 @@ class ChannelsLastBlock(nn.Module):
             t = x.flatten(2).transpose(1, 2)
             t = t + self.mlp(self.norm(t))
             return self.head(t.transpose(-1, -2).reshape(b, c, h, w).mean((2, 3)))
+        if self.layout == "window_pad":  # (B, H, W, C) padded to whole 4x4 windows by traced amounts (Swin)
+            t = x.permute(0, 2, 3, 1)
+            t = F.pad(t, (0, 0, 0, (4 - w % 4) % 4, 0, (4 - h % 4) % 4))
+            t = t + self.mlp(self.norm(t))
+            return self.head(t[:, :h, :w].mean((1, 2)))
         t = x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # tokens, averaged
         t = t + self.mlp(self.norm(t))
         return self.head(t[:, 1:].mean(1))
 
 
-@pytest.mark.parametrize("layout", ["permute", "flatten_transpose", "reshape"])
+@pytest.mark.parametrize("layout", ["permute", "flatten_transpose", "reshape", "window_pad"])
 def test_channels_last_mlp_neurons_are_prunable_and_compact_exactly(layout: str) -> None:
     torch.manual_seed(0)
     model = ChannelsLastBlock(layout).double().eval()

@@ -228,6 +228,8 @@ class Pad(OpRule):
         if channel >= len(pairs) or not all(isinstance(p, int) for p in pairs[channel]):
             return None
         left = pairs[channel][0]
+        mapped = list(builder.map_args(tuple(pad)))  # the other dimensions' pads may be computed (traced)
+        pairs = [mapped[i : i + 2] for i in range(0, len(mapped), 2)]
         pairs[channel] = [0, 0]
         flat = [p for pair in pairs for p in pair]
         value = builder.env[x]
