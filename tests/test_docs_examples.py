@@ -71,7 +71,8 @@ def test_every_python_block_is_covered():
     found = {(p, i) for p in ["README.md", *(f"docs/{f.name}" for f in sorted((ROOT / "docs").glob("*.md")))]
              for i in range(len(blocks(p)))}  # fmt: skip
     covered = {("README.md", 0), ("README.md", 1), ("docs/compaction.md", 0), ("docs/compaction.md", 1),
-               ("docs/distributed.md", 1), ("docs/studies.md", 0), *NOT_RUN}  # fmt: skip
+               ("docs/distributed.md", 1), ("docs/latency.md", 0), ("docs/latency.md", 1), ("docs/studies.md", 0),
+               *NOT_RUN}  # fmt: skip
     assert found == covered
 
 
@@ -107,6 +108,26 @@ def test_compaction_docs():
         assert torch.allclose(small(x), lit.net(x), atol=1e-5)
     _run(second, lit=lit, datamodule=UserData(), callback=callback, pl=pl, lp=ns["lp"], Net=ns["Net"])
     assert type(lit.net).__name__ == "CompactSmallResNet"
+
+
+def test_latency_docs(counted):
+    """The table (timed by the tests' synthetic timer), then the callback option in a fit."""
+    model, example = SmallResNet(width=16), torch.randn(2, 3, 16, 16)
+    table_block, callback_block = blocks("docs/latency.md")
+    alive = torch.ones(lp_graph_neurons(model, example), dtype=torch.bool)
+    ns = _run(table_block, model=model, example=example, alive=alive, torch=torch)
+    assert ns["table"].predict(alive) > 0 and Path("latency.png").is_file()
+    ns = _run(callback_block, lp=ns["lp"], pl=pl, lit=UserModule(), datamodule=UserData())
+    callback = ns["callback"]
+    # the synthetic network's fixed part (1 ms) keeps 0.5 out of reach: pruning goes as far as the floors allow
+    assert callback.done and callback.history[-1].latency < 0.9 * callback.initial_latency
+    assert callback.stop_reason.startswith(("latency target reached", "no neuron can go")), callback.stop_reason
+
+
+def lp_graph_neurons(model, example) -> int:
+    from lightning_prune import build_dependency_graph
+
+    return build_dependency_graph(model, example).num_neurons
 
 
 def test_distributed_docs_masks_in_a_process_that_did_not_fit(tmp_path):
