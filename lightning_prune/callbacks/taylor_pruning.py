@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from collections.abc import Sequence
@@ -27,7 +26,7 @@ from lightning_prune.distillation import Distiller
 from lightning_prune.distributed import broadcast_decision, mean_over_ranks
 from lightning_prune.errors import PruningConfigurationError, UnsupportedModelError, UnsupportedStrategyError
 from lightning_prune.importance import Criterion, GateGradients, get_criterion
-from lightning_prune.latency import LatencySelector, LatencyTable, LayerLatency
+from lightning_prune.latency import LatencySelector, LatencyTable
 from lightning_prune.pruner import CostModel, NeuronMasks, NeuronSelector, fewest_reaching, neuron_scores, reset_optimizer_state
 from lightning_prune.pruner.history import PruningRecord, write_history
 
@@ -431,7 +430,7 @@ class TaylorPruningCallback(Callback):
         zero and sent to every rank (each rank then takes the same decisions)."""
         saved = (self._pending_state or {}).get("latency_table")
         if self.latency_table is not None or saved is not None:
-            return self.latency_table if self.latency_table is not None else _table_from_state(saved)
+            return self.latency_table if self.latency_table is not None else LatencyTable.from_state_dict(saved)
         table = None
         if trainer.is_global_zero:
             rank_zero_info("TaylorPruningCallback: measuring the latency table (cached for the next runs)...")
@@ -493,6 +492,8 @@ class TaylorPruningCallback(Callback):
         neurons = self._target if share >= 1 else math.floor(share * self._target)  # the target at step P
         if self.keep_ratio is None and self.num_to_prune is None and self._cost_targets():
             neurons = self._target  # as many as the FLOPs and latency shares take
+        if share >= 1:  # the targets themselves (1 - (1 - r) need not give r back in floating point)
+            return neurons, self.target_flops_ratio, latency
         flops = None if self.target_flops_ratio is None else 1 - share * (1 - self.target_flops_ratio)
         latency = None if latency is None else 1 - share * (1 - latency)
         return neurons, flops, latency
@@ -850,7 +851,7 @@ class TaylorPruningCallback(Callback):
             "trace": self.masks.trace,
             "compacted": self.compacted,
             "network_path": self._network_path,
-            "latency_table": None if self._latency_selector is None else _table_state(self.latency_table),
+            "latency_table": None if self._latency_selector is None else self.latency_table.state_dict(),
             # the teacher is the network before pruning: a resumed run must not distil from a pruned one
             "teacher": None if self._distiller is None else {k: v.cpu() for k, v in self._distiller.teacher.state_dict().items()},
         }
@@ -928,16 +929,6 @@ def _pruning_step_count(pruning_steps: int | float, every: int, trainer: pl.Trai
             )
         pruning_steps = max(1, round(pruning_steps * total))
     return max(1, pruning_steps // every)
-
-
-def _table_state(table: LatencyTable) -> dict[str, Any]:
-    """The latency table as plain containers and tensors (a checkpoint loads it without unpickling classes)."""
-    return dataclasses.asdict(table)
-
-
-def _table_from_state(state: dict[str, Any]) -> LatencyTable:
-    layers = {name: LayerLatency(**layer) for name, layer in state["layers"].items()}
-    return LatencyTable(**{**state, "layers": layers})
 
 
 def _check(condition: bool, message: str) -> None:

@@ -10,7 +10,7 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +100,15 @@ class LatencyTable:
         }  # fmt: skip
         env = {**self.env, "calibration": {"slope": slope, "offset": offset}}
         return LatencyTable(layers, slope * self.rest + offset, self.width_step, env, self.measurements)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The table as plain containers and tensors: a checkpoint loads it with ``weights_only``."""
+        return asdict(self)
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> LatencyTable:
+        layers = {name: LayerLatency(**layer) for name, layer in state["layers"].items()}
+        return cls(**{**state, "layers": layers})
 
     @classmethod
     def build(
