@@ -284,7 +284,7 @@ def tp_finetuned(method: str, target: float, steps: int, batches, test, seed: in
 # the target in time) on the masked network to the end
 OUR_FT: dict[str, dict[int, dict[str, Any]]] = {
     "best": {160: {"prune_every_n_batches": 4, "pruning_steps": 40, "compact_when_done": True},
-             1500: {"prune_every_n_batches": 10, "pruning_steps": 300, "compact_when_done": True}},
+             1500: {"prune_every_n_batches": 4, "pruning_steps": 120, "compact_when_done": True}},
     "paper": {160: {"prune_every_n_batches": 10, "neurons_per_step": 0.05},
               1500: {"prune_every_n_batches": 10, "neurons_per_step": 0.02}},
 }  # fmt: skip
