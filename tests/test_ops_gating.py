@@ -311,6 +311,34 @@ def test_stochastic_depth_passes_channels_through(train: bool) -> None:
         assert relative_error(*outputs) > 1e-3
 
 
+class FunctionalDropoutNet(nn.Module):
+    """A classifier head with ``F.dropout(training=self.training)`` (timm's GhostNet, many user models)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())  # no BatchNorm: modes differ by dropout
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.stem(x).mean((2, 3))
+        return self.fc(F.dropout(x, p=0.5, training=self.training))
+
+
+@pytest.mark.parametrize("traced_in", ["train", "eval"])
+def test_functional_dropout_follows_the_compact_networks_mode(traced_in: str) -> None:
+    """Tracing freezes ``training=self.training``: the compact network must drop in train mode only,
+    whichever mode the graph was traced in."""
+    torch.manual_seed(0)
+    model = FunctionalDropoutNet().double().train(traced_in == "train")
+    x = torch.randn(8, 3, 8, 8, dtype=torch.float64)
+    graph = build_dependency_graph(model, x)
+    compacted = compact(model, prune_neurons(model, graph, graph.gates["stem.0"].neurons[[2, 5]].tolist()))
+    assert compacted.get_submodule("stem.0").out_channels == 6
+    assert_compact_equals_masked(model.eval(), compacted.eval(), x, dtypes=(torch.float64,))
+    with torch.no_grad():  # in train mode it drops (element-wise draws differ between widths: no comparison)
+        assert relative_error(compacted.train()(x), compacted.eval()(x)) > 1e-3
+
+
 # torchvision networks with SE blocks (and stochastic depth): model -> layers that must be gates
 TORCHVISION = {
     "mobilenet_v3_small": ("features.1.block.1.fc1", "features.4.block.2.fc1"),

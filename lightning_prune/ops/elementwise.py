@@ -35,7 +35,7 @@ _CHANNELWISE_MODULES = (
 )  # fmt: skip
 _CHANNELWISE_FUNCTIONS = (
     F.relu, torch.relu, F.relu_, torch.relu_, F.relu6, F.leaky_relu, F.elu, F.celu, F.selu, F.gelu, F.silu,
-    F.mish, F.hardswish, F.hardtanh, torch.tanh, F.tanh, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
+    F.mish, F.hardswish, F.hardtanh, torch.tanh, F.tanh,
     F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
     F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
     F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.interpolate, torch.clone,
@@ -68,6 +68,27 @@ class ChannelWise(OpRule):
         if node.op == "call_module" and len(node.args) != 1:
             return walker.opaque(node)
         return walker.value(node.args[0])
+
+
+_DROPOUT_MODULES = {F.dropout: nn.Dropout, F.dropout1d: nn.Dropout1d, F.dropout2d: nn.Dropout2d,
+                    F.dropout3d: nn.Dropout3d}  # fmt: skip
+
+
+@register_op_rule(*_DROPOUT_MODULES)
+class FunctionalDropout(ChannelWise):
+    """``F.dropout(x, p, training=self.training)``: tracing freezes the mode of the traced step, so the
+    compact network calls a dropout module instead, which follows the compact network's own train/eval
+    mode. Only where the code passes ``training``: without it, ``F.dropout`` drops in both modes, as written."""
+
+    def compact(self, builder, node):
+        args = dict(zip(("input", "p", "training", "inplace"), node.args)) | dict(node.kwargs)
+        if not isinstance(args.get("training"), bool) or not all(isinstance(args.get(k, 0.5), (int, float))
+                                                                    for k in ("p", "inplace")):
+            return None
+        module = _DROPOUT_MODULES[node.target](p=float(args.get("p", 0.5)), inplace=bool(args.get("inplace", False)))
+        name = f"_compact_dropout_{node.name}"
+        builder.root.add_module(name, module)
+        return builder.graph.call_module(name, (builder.env[args["input"]],))
 
 
 @register_op_rule(*_NONZERO_AT_ZERO)
