@@ -175,15 +175,16 @@ def test_broadcast_operands_are_not_tied_by_position():
 
 
 class _GroupedAndReduced(nn.Module):
-    """A grouped convolution (groups=2, not depthwise) and a sum over the channels (an energy map)."""
+    """A grouped convolution with one input channel per group (a channel multiplier of 2) and a sum over the
+    channels (an energy map)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
         self.bn1 = nn.BatchNorm2d(8)
-        self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)
-        self.bn2 = nn.BatchNorm2d(8)
-        self.conv3 = nn.Conv2d(8, 6, 3, padding=1)
+        self.grouped = nn.Conv2d(8, 16, 3, padding=1, groups=8)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.conv3 = nn.Conv2d(16, 6, 3, padding=1)
         self.bn3 = nn.BatchNorm2d(6)
         self.conv4 = nn.Conv2d(6, 4, 1)
         self.bn4 = nn.BatchNorm2d(4)
@@ -198,7 +199,7 @@ class _GroupedAndReduced(nn.Module):
 
 
 def test_grouped_convolutions_and_channel_reductions_keep_their_channels_with_the_reason():
-    """Removing a channel of a grouped convolution's input would shift the groups, and a channel summed with
+    """Removing a channel of a channel-multiplier convolution's input would empty a group, and a channel summed with
     the others has no output of its own to cut: both sides of the grouped convolution and the channels
     reduced over are unprunable, each neuron with its reason in ``graph.blocked``; the rest stays prunable
     (bn3: read by an ordinary convolution and by a mean over positions only)."""
@@ -206,8 +207,8 @@ def test_grouped_convolutions_and_channel_reductions_keep_their_channels_with_th
     assert set(graph.gates) == {"bn3"} and graph.num_prunable == 6
     assert graph.prunable[graph.gates["bn3"].neurons].all()
     reasons = {
-        "conv1": "grouped convolution grouped (groups=2)",  # the grouped convolution's input
-        "grouped": "grouped convolution grouped (groups=2)",  # and its output
+        "conv1": "grouped convolution grouped (one input channel per group)",  # the grouped convolution's input
+        "grouped": "grouped convolution grouped (one input channel per group)",  # and its output
         "conv4": "reduction sum over the channel",
     }
     for layer, reason in reasons.items():

@@ -365,8 +365,7 @@ def test_torchvision_se_networks_prune_40_percent_of_flops_exactly(name: str) ->
     x = torch.randn(2, 3, 32, 32)
     graph = build_dependency_graph(model, x[:1])
     assert all(layer in graph.gates for layer in TORCHVISION[name])
-    grouped = ("flow into or out of grouped convolution",) if name == "regnet_y_400mf" else ()  # not SE
-    assert_only_kept_for(graph, NETWORK_IO + grouped)
+    assert_only_kept_for(graph, NETWORK_IO)  # regnet_y: its grouped convolutions are prunable too
     # the fewest random-score neurons that take the FLOPs to 60%
     scores = torch.rand(graph.num_neurons, generator=torch.Generator().manual_seed(0))
     cost, selector = CostModel(model, x[:1], graph), NeuronSelector(graph)

@@ -9,7 +9,8 @@ alive. Every other channel is exactly zero in the masked network, so dropping it
 The traced graph is copied node by node, each op rewritten by the ``compact`` half of its rule
 (:mod:`lightning_prune.ops`):
 
-* Conv (``groups == 1``), Linear: weights sliced on both the kept inputs and the kept outputs.
+* Conv (``groups == 1``), Linear: weights sliced on both the kept inputs and the kept outputs; a grouped
+  Conv keeps its groups, with the same kept input channels inside every group.
 * Depthwise Conv, BatchNorm: sliced on the kept channels (an input that lacks one of them, e.g. a
   zero-padded one, is filled with zeros first).
 * Additions and products tying channels: every operand is brought to the output's kept channels

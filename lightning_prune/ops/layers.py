@@ -19,7 +19,10 @@ from lightning_prune.ops.registry import OpRule, register_op_rule, tensor_shape
 
 @register_op_rule(nn.modules.conv._ConvNd)
 class Conv(OpRule):
-    """``groups == 1``: fresh output channels; depthwise: the input's channels; other groups block both sides."""
+    """``groups == 1``: fresh output channels; depthwise: the input's channels; other groups (ResNeXt, RegNet):
+    fresh output channels, and channel i of every group tied to channel i of the others on both sides, so
+    the compact convolution keeps its groups with fewer channels in each; one input channel per group
+    with a channel multiplier blocks both sides."""
 
     def propagate(self, walker, node):
         conv = walker.modules[node.target]
@@ -34,8 +37,12 @@ class Conv(OpRule):
             out = _create(walker, use, name, conv.out_channels)
         elif conv.groups == conv.in_channels == conv.out_channels:
             out = walker.nodes.constants_for_zero(x.nodes, f"are constants that depthwise {name} makes of zero padding")
+        elif conv.in_channels > conv.groups:  # the same channels go in every group: shapes stay valid
+            _tie_groups(walker, x.nodes, conv.groups)
+            out = _create(walker, use, name, conv.out_channels)
+            _tie_groups(walker, out, conv.groups)
         else:
-            reason = f"flow into or out of grouped convolution {name} (groups={conv.groups})"
+            reason = f"flow into or out of grouped convolution {name} (one input channel per group)"
             walker.nodes.block(x.nodes, reason)
             out = walker.nodes.fresh(conv.out_channels, reason)
         use.out_nodes = out
@@ -58,7 +65,11 @@ class Conv(OpRule):
         if conv.groups == conv.in_channels == conv.out_channels:
             _slice_depthwise(conv, out_kept)
             return builder.copy(node, (builder.at(x, out_kept),), {})
-        return None
+        in_group = _same_in_every_group(builder.kept[x], conv.in_channels, conv.groups)
+        if in_group is None or _same_in_every_group(out_kept, conv.out_channels, conv.groups) is None:
+            return None
+        _slice_grouped(conv, in_group, out_kept)
+        return builder.copy(node, (builder.env[x],), {})
 
 
 @register_op_rule(nn.Linear)
@@ -159,6 +170,24 @@ class Attention(OpRule):
         return ChannelTag(walker.nodes.fresh(shape[-1], reason), len(shape) - 1, len(shape)), None
 
 
+def _tie_groups(walker, nodes: torch.Tensor, groups: int) -> None:
+    """Tie channel i of every group of ``nodes`` to channel i of the first group."""
+    per_group = nodes.reshape(groups, -1)
+    for g in range(1, groups):
+        walker.nodes.union(per_group[0], per_group[g])
+
+
+def _same_in_every_group(kept: torch.Tensor, channels: int, groups: int) -> torch.Tensor | None:
+    """The positions within a group that ``kept`` keeps, when it keeps the same ones in every group."""
+    size = channels // groups
+    if kept.numel() == 0 or kept.numel() % groups:
+        return None
+    per_group = kept.reshape(groups, -1)
+    within = per_group[0]
+    offsets = torch.arange(groups).unsqueeze(1) * size
+    return within if torch.equal(per_group, within.unsqueeze(0) + offsets) else None
+
+
 def _input(walker, node: fx.Node) -> Any:
     return walker.value(node.args[0]) if node.args else None
 
@@ -207,6 +236,15 @@ def _slice_depthwise(conv: nn.modules.conv._ConvNd, channels: torch.Tensor) -> N
     if conv.bias is not None:
         conv.bias = _param(conv.bias[idx], conv.bias)
     conv.in_channels = conv.out_channels = conv.groups = channels.numel()
+
+
+def _slice_grouped(conv: nn.modules.conv._ConvNd, in_group: torch.Tensor, outputs: torch.Tensor) -> None:
+    """Keep filters ``outputs`` and, inside every group, the input channels ``in_group``; ``groups`` stays."""
+    dev = conv.weight.device
+    conv.weight = _param(conv.weight[outputs.to(dev)][:, in_group.to(dev)], conv.weight)
+    if conv.bias is not None:
+        conv.bias = _param(conv.bias[outputs.to(dev)], conv.bias)
+    conv.in_channels, conv.out_channels = in_group.numel() * conv.groups, outputs.numel()
 
 
 def _slice_batchnorm(bn: nn.modules.batchnorm._BatchNorm, channels: torch.Tensor) -> None:

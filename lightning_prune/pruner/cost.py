@@ -57,7 +57,7 @@ class CostModel:
         fin = float(padded[inputs].float().mean()) if inputs is not None and inputs.numel() else 1.0
         fout = float(padded[outputs].float().mean()) if outputs is not None and outputs.numel() else 1.0
         module = self.graph.modules[name]
-        if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1:
+        if isinstance(module, nn.modules.conv._ConvNd) and module.groups == module.in_channels > 1:
             fin = 1.0  # depthwise: each filter reads its own channel, counted by the output fraction
         return fin, fout
 
