@@ -82,10 +82,10 @@ class FunctionalDropout(ChannelWise):
 
     def compact(self, builder, node):
         args = dict(zip(("input", "p", "training", "inplace"), node.args)) | dict(node.kwargs)
-        if not isinstance(args.get("training"), bool) or not all(isinstance(args.get(k, 0.5), (int, float))
-                                                                    for k in ("p", "inplace")):
+        p, inplace = args.get("p", 0.5), args.get("inplace", False)
+        if not (isinstance(args.get("training"), bool) and isinstance(p, (int, float)) and isinstance(inplace, bool)):
             return None
-        module = _DROPOUT_MODULES[node.target](p=float(args.get("p", 0.5)), inplace=bool(args.get("inplace", False)))
+        module = _DROPOUT_MODULES[node.target](p=float(p), inplace=inplace)
         name = f"_compact_dropout_{node.name}"
         builder.root.add_module(name, module)
         return builder.graph.call_module(name, (builder.env[args["input"]],))

@@ -68,7 +68,8 @@ class Conv(OpRule):
         in_group = _same_in_every_group(builder.kept[x], conv.in_channels, conv.groups)
         if in_group is None or _same_in_every_group(out_kept, conv.out_channels, conv.groups) is None:
             return None
-        _slice_grouped(conv, in_group, out_kept)
+        _slice_dense(conv, in_group, out_kept)  # a grouped weight's columns are the positions inside a group
+        conv.in_channels = in_group.numel() * conv.groups
         return builder.copy(node, (builder.env[x],), {})
 
 
@@ -219,7 +220,8 @@ def _param(tensor: torch.Tensor, like: nn.Parameter) -> nn.Parameter:
 
 
 def _slice_dense(layer: nn.Module, inputs: torch.Tensor, outputs: torch.Tensor) -> None:
-    """Keep rows ``outputs`` and columns ``inputs`` of a Conv (groups == 1) or Linear weight, and its bias."""
+    """Keep rows ``outputs`` and columns ``inputs`` of a Conv or Linear weight, and its bias (a grouped Conv's
+    columns are the positions inside a group: its ``in_channels`` is then ``groups`` times ``inputs``)."""
     dev = layer.weight.device
     layer.weight = _param(layer.weight[outputs.to(dev)][:, inputs.to(dev)], layer.weight)
     if layer.bias is not None:
@@ -236,15 +238,6 @@ def _slice_depthwise(conv: nn.modules.conv._ConvNd, channels: torch.Tensor) -> N
     if conv.bias is not None:
         conv.bias = _param(conv.bias[idx], conv.bias)
     conv.in_channels = conv.out_channels = conv.groups = channels.numel()
-
-
-def _slice_grouped(conv: nn.modules.conv._ConvNd, in_group: torch.Tensor, outputs: torch.Tensor) -> None:
-    """Keep filters ``outputs`` and, inside every group, the input channels ``in_group``; ``groups`` stays."""
-    dev = conv.weight.device
-    conv.weight = _param(conv.weight[outputs.to(dev)][:, in_group.to(dev)], conv.weight)
-    if conv.bias is not None:
-        conv.bias = _param(conv.bias[outputs.to(dev)], conv.bias)
-    conv.in_channels, conv.out_channels = in_group.numel() * conv.groups, outputs.numel()
 
 
 def _slice_batchnorm(bn: nn.modules.batchnorm._BatchNorm, channels: torch.Tensor) -> None:
