@@ -40,7 +40,8 @@ def _fit(cb, steps: int = 16, ckpt_path=None, checkpoint=None) -> UserModule:
 def test_each_step_meets_its_latency_budget_at_widths_where_latency_drops(counted):
     cb = TaylorPruningCallback(target_latency_ratio=0.6, prune_every_n_batches=2, pruning_steps=8, schedule="linear")
     _fit(cb)
-    assert counted and cb.latency_table.measurements == len(counted)
+    assert counted and cb.latency_table.measurements == len(counted) - 1  # and the compact network, timed once
+    assert isinstance(counted[-1], torch.fx.GraphModule) and cb.measured_latency == pytest.approx(1e-3)
     assert [r.step for r in cb.history] == [2, 4, 6, 8]
     for i, record in enumerate(cb.history, start=1):  # the budget falls linearly to 0.6 at step 4
         assert record.latency <= (1 - i / 4 * 0.4) * cb.initial_latency + 1e-12
@@ -70,7 +71,8 @@ def test_resume_takes_the_table_from_the_checkpoint_and_ends_where_the_uninterru
     counted.clear()
     resumed = callback()
     _fit(resumed, ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=4.ckpt"))
-    assert not counted  # nothing measured again: the checkpoint's table
+    assert len(counted) == 1 and isinstance(counted[0], torch.fx.GraphModule)  # the checkpoint's table: only
+    # the compact network is timed
     assert [r.as_dict() for r in resumed.history] == [r.as_dict() for r in whole.history]
     assert all(torch.equal(resumed.masks[n], whole.masks[n]) for n in whole.masks)
 
@@ -83,3 +85,8 @@ def test_resume_takes_the_table_from_the_checkpoint_and_ends_where_the_uninterru
 def test_invalid_latency_arguments(kwargs, match):
     with pytest.raises(PruningConfigurationError, match=match):
         TaylorPruningCallback(**kwargs)
+
+
+def test_a_latency_target_out_of_reach_is_refused_naming_the_reachable_ratio(counted):
+    with pytest.raises(PruningConfigurationError, match=r"target_latency_ratio=0.05 is out of reach.* >= 0\.\d+"):
+        _fit(TaylorPruningCallback(target_latency_ratio=0.05, prune_every_n_batches=2, pruning_steps=8))

@@ -211,6 +211,8 @@ class TaylorPruningCallback(Callback):
         self.latency_batch_size = latency_batch_size
         self.latency_width_step = latency_width_step
         self.initial_latency: float | None = None  # predicted seconds of the network before pruning
+        self.measured_latency: float | None = None  # measured seconds of the compact network (rank zero)
+        self._latency_input: Any = None  # the traced network's input, to time its compact version
         self._latency_selector: LatencySelector | None = None
         self.pruning_steps = pruning_steps
         self.schedule = schedule
@@ -411,6 +413,8 @@ class TaylorPruningCallback(Callback):
             self.latency_table = self._measured_table(trainer, network, example)
             self._latency_selector = LatencySelector(graph, self.latency_table, self.min_channels)
             self.initial_latency = self.latency_table.predict(all_alive)
+            self._latency_input = example
+            self._check_latency_target(all_alive)
         self._plan(self._selector.max_removable(all_alive), trainer)
         if self._pending_state is not None:
             self._restore(self._pending_state)
@@ -439,6 +443,43 @@ class TaylorPruningCallback(Callback):
                                        dtype=parameter.dtype, device=parameter.device,
                                        width_step=self.latency_width_step)  # fmt: skip
         return trainer.strategy.broadcast(table, src=0)
+
+    def _check_latency_target(self, all_alive: torch.Tensor) -> None:
+        """Refuse a latency target that even the narrowest widths the table allows do not reach (layers that
+        cannot shrink and per-op overhead stay), rather than removing everything prunable and missing it."""
+        assert self._latency_selector is not None and self.initial_latency
+        fastest = self._latency_selector.select(torch.zeros(all_alive.numel()), all_alive, 0.0)
+        floor = self.latency_table.predict(fastest) / self.initial_latency
+        if self.target_latency_ratio < floor:
+            env = self.latency_table.env
+            raise PruningConfigurationError(
+                f"target_latency_ratio={self.target_latency_ratio:g} is out of reach: with every layer at the "
+                f"narrowest width allowed (min_channels={self.min_channels}, width step "
+                f"{self.latency_table.width_step}) the latency table predicts {floor:.3f} of the network's "
+                f"{self.initial_latency * 1e3:.2f} ms at batch {env['batch']} on {env['device']} (the rest is "
+                f"layers that cannot shrink and per-op overhead). Give target_latency_ratio >= "
+                f"{math.ceil(floor * 100) / 100:g}, or a larger latency_batch_size (overhead then weighs less)."
+            )
+
+    def _log_measured_latency(self, trainer: pl.Trainer) -> None:
+        """Time the compact network as the table timed the full one (rank zero) and log it beside the prediction."""
+        if self._latency_input is None or self.latency_table is None or not trainer.is_global_zero:
+            return
+        traced = self.graph.modules[min(self.graph.modules, key=len)]
+        small = compact(traced, self.compact_masks, graph=self.graph)
+        self.measured_latency = self.latency_table.measure(small, self._latency_input)
+        predicted = self.latency_table.predict(self.graph.alive_from_masks(self.compact_masks))
+        initial = self.initial_latency
+        rank_zero_info(
+            f"TaylorPruningCallback: compact network latency at batch {self.latency_table.env['batch']}: measured "
+            f"{self.measured_latency * 1e3:.2f} ms, predicted {predicted * 1e3:.2f} ms; "
+            f"{self.measured_latency / initial:.3f} of the full network's {initial * 1e3:.2f} ms "
+            f"(target {self.target_latency_ratio:g})."
+        )
+        metrics = {"pruning/latency_measured_s": self.measured_latency,
+                   "pruning/latency_measured_kept": self.measured_latency / initial}  # fmt: skip
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
 
     def _attach_distiller(self, trainer: pl.Trainer, network: nn.Module) -> None:
         """The distillation gradient on ``network``'s output, scaled like the loss' gradient (AMP scale,
@@ -721,6 +762,7 @@ class TaylorPruningCallback(Callback):
         rank_zero_info(f"TaylorPruningCallback: pruning finished ({reason}) with {self.num_pruned} neurons removed.")
         if self.compact_when_done:
             self._compact_in_fit(trainer)
+        self._log_measured_latency(trainer)
 
     def _compact_in_fit(self, trainer: pl.Trainer) -> None:
         """Replace the masked network by the compact one for the rest of the fit (on every rank)."""

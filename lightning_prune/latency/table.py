@@ -79,6 +79,15 @@ class LatencyTable:
         padded = torch.cat([alive.to("cpu", torch.bool), torch.tensor([False])])
         return self.rest + sum(layer.seconds(*layer.widths(padded)) for layer in self.layers.values())
 
+    def measure(self, model: nn.Module, example_input: Any, warmup: int = 3, repeats: int = 10) -> float:
+        """Measured seconds of ``model`` (a copy, in eval mode) at this table's batch size, dtype and memory
+        format, on the device of its parameters: what :meth:`predict` predicts, for a compact network."""
+        args, kwargs = as_call_args(example_input)
+        dtype = getattr(torch, self.env["dtype"].removeprefix("torch."))
+        memory_format = getattr(torch, self.env["memory_format"].removeprefix("torch."))
+        device = next(model.parameters()).device
+        return _time_network(model, args, kwargs, self.env["batch"], dtype, device, memory_format, warmup, repeats)
+
     def calibrated(self, alive: torch.Tensor, measured: float, full_measured: float) -> LatencyTable:
         """A copy of the table whose prediction is the linear map ``a * predict + b`` through two measured
         points of the network: at full width (``full_measured`` seconds) and compacted to ``alive``
@@ -179,10 +188,8 @@ class LatencyTable:
                 )
                 measurements += 1
             if network_key not in cache.networks:
-                net = copy.deepcopy(model)
-                bargs, bkwargs = _rebatch(args, batch), {k: _rebatch([v], batch)[0] for k, v in kwargs.items()}
-                cache.networks[network_key] = _time(*_place(net, bargs, bkwargs, dtype, device, memory_format),
-                                                    warmup, repeats)  # fmt: skip
+                cache.networks[network_key] = _time_network(model, args, kwargs, batch, dtype, device, memory_format,
+                                                            warmup, repeats)  # fmt: skip
                 measurements += 1
         finally:
             if measurements:
@@ -466,6 +473,13 @@ def _place(module: nn.Module, args: Any, kwargs: Any, dtype: torch.dtype, device
     if memory_format != torch.contiguous_format:
         module = module.to(memory_format=memory_format)
     return module, tuple(move(a) for a in args), {k: move(v) for k, v in kwargs.items()}
+
+
+def _time_network(model: nn.Module, args: Any, kwargs: Any, batch: int, dtype: torch.dtype, device: torch.device,
+                  memory_format: torch.memory_format, warmup: int, repeats: int) -> float:  # fmt: skip
+    """:func:`_time` of a copy of ``model`` on its example input repeated or cut to ``batch`` examples."""
+    bargs, bkwargs = _rebatch(args, batch), {k: _rebatch([v], batch)[0] for k, v in kwargs.items()}
+    return _time(*_place(copy.deepcopy(model), bargs, bkwargs, dtype, device, memory_format), warmup, repeats)
 
 
 def _time(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], warmup: int, repeats: int) -> float:
