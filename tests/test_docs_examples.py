@@ -117,11 +117,12 @@ def test_latency_docs(counted):
     alive = torch.ones(lp_graph_neurons(model, example), dtype=torch.bool)
     ns = _run(table_block, model=model, example=example, alive=alive, torch=torch)
     assert ns["table"].predict(alive) > 0 and Path("latency.png").is_file()
-    ns = _run(callback_block, lp=ns["lp"], pl=pl, lit=UserModule(), datamodule=UserData())
+    lit = UserModule()
+    lit.net = SmallResNet(width=32)  # at width 8 no layer can shrink on the table's 8-channel grid: 0.5 is refused
+    ns = _run(callback_block, lp=ns["lp"], pl=pl, lit=lit, datamodule=UserData())
     callback = ns["callback"]
-    # the synthetic network's fixed part (1 ms) keeps 0.5 out of reach: pruning goes as far as the floors allow
-    assert callback.done and callback.history[-1].latency < 0.9 * callback.initial_latency
-    assert callback.stop_reason.startswith(("latency target reached", "no neuron can go")), callback.stop_reason
+    assert callback.done and callback.history[-1].latency <= 0.5 * callback.initial_latency
+    assert callback.stop_reason.startswith("latency target reached"), callback.stop_reason
 
 
 def lp_graph_neurons(model, example) -> int:
