@@ -1,7 +1,6 @@
 """Architecture coverage, a representative subset of ``benchmarks/coverage.py`` (the full sweep): each model
 in a LightningModule without ``forward``, pruned by the callback towards 0.5x FLOPs, then compacted.
-Every model compacts exactly; the 0.55x target is expected where the op rules reach it today, and
-marked ``xfail(strict=True)`` with the missing feature where they do not."""
+Every model compacts exactly and reaches 0.55x."""
 
 from __future__ import annotations
 
@@ -21,17 +20,6 @@ SIZE, BATCH = 32, 4  # batch 2 leaves BatchNorm two values at 1x1 (regnet_x_400m
 TORCHVISION = ("resnet18", "mobilenet_v3_small", "efficientnet_b0", "regnet_x_400mf", "convnext_tiny",
                "shufflenet_v2_x0_5", "squeezenet1_0", "densenet121", "vit_tiny")  # fmt: skip
 TIMM = ("resnet18d", "efficientnet_b0", "convnext_atto", "ghostnet_100", "vit_tiny_patch16_224")
-# models the callback prunes and compacts exactly but not down to 0.55x FLOPs yet, and what is missing
-GAPS = {
-    ("torchvision", "shufflenet_v2_x0_5"): "channel split (x.chunk(2, dim=1)) and channel shuffle keep their channels",
-}
-
-
-def _cases(known: dict) -> list:
-    return [pytest.param(*case, marks=pytest.mark.xfail(strict=True, reason=known[case])) if case in known else case
-            for case in CASES]  # fmt: skip
-
-
 def _build(family: str, name: str):
     if family == "timm":
         pytest.importorskip("timm")
@@ -59,6 +47,6 @@ def test_compact_model_equals_the_masked_one_and_costs_fewer_flops(family: str, 
     assert result["prunable_share"] > 0 and result["flops_ratio"] < 0.99, result
 
 
-@pytest.mark.parametrize(("family", "name"), _cases(GAPS), ids=[f"{f}-{n}" for f, n in CASES])
+@pytest.mark.parametrize(("family", "name"), CASES, ids=[f"{f}-{n}" for f, n in CASES])
 def test_callback_reaches_the_flops_target(family: str, name: str) -> None:
     assert _measured(family, name)["flops_ratio"] <= MET_AT

@@ -1,27 +1,120 @@
 """Ops that reorder dimensions (``permute``, ``transpose``): the channels move to another dimension,
 channels-last blocks (``x.permute(0, 2, 3, 1)`` before a LayerNorm and Linear layers, ``flatten(2).transpose(1, 2)``
-before a transformer). The compact network runs them as they are."""
+before a transformer). The compact network runs them as they are. A channel shuffle (ShuffleNet: ``view`` splitting
+the channels in two dimensions, ``transpose`` of those, ``view`` merging them back) permutes the channels; the
+compact network gathers its kept channels in their shuffled order instead."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
+from torch import fx
 
 from lightning_prune.dependency.channels import ChannelTag
-from lightning_prune.ops.registry import OpRule, register_op_rule
+from lightning_prune.ops.registry import OpRule, register_op_rule, tensor_shape
+
+_SWAPS = (torch.transpose, "transpose", torch.swapaxes, "swapaxes")
 
 
-@register_op_rule(torch.permute, "permute", torch.transpose, "transpose", torch.swapaxes, "swapaxes")
+@register_op_rule(torch.permute, "permute", *_SWAPS)
 class Permute(OpRule):
     """Output dimension ``i`` is input dimension ``order[i]``: the channels go where their dimension goes."""
 
     takes_nonzero = True  # moves values only
 
     def propagate(self, walker, node):
+        shuffle = channel_shuffle(node)
+        if shuffle is not None and shuffle.tracks(walker.value(shuffle.source)):
+            return shuffle.propagate(walker, node)
         x = walker.value(node.args[0]) if node.args else None
         order = _order(node, x.ndim) if isinstance(x, ChannelTag) else None
         if order is None:
             return walker.opaque(node)
         return x.moved(dim=order.index(x.dim))
+
+    def compact(self, builder, node):
+        shuffle = channel_shuffle(node)
+        if shuffle is not None and shuffle.tracks(builder.tag(shuffle.source)):
+            return shuffle.compact(builder, node)
+        return None
+
+
+@dataclass(frozen=True)
+class ChannelShuffle:
+    """``view`` splitting dimension ``dim`` of ``source`` in two, ``transpose`` of the two, ``contiguous()``
+    (optional) and ``view``/``reshape`` back to the shape of ``source`` (the ``steps``, each the only user of
+    the one before): output channel ``i`` is channel ``order[i]`` of ``source``."""
+
+    source: fx.Node
+    steps: tuple[fx.Node, ...]
+    dim: int
+    order: torch.Tensor
+
+    def tracks(self, tag: Any) -> bool:
+        """Whether the shuffle permutes the channels of ``tag``, the source's: they lie on dimension ``dim``."""
+        return isinstance(tag, ChannelTag) and tag.dim == self.dim
+
+    def propagate(self, walker, node):
+        """The values between the steps carry no channels; the last step's are the source's, permuted."""
+        if node is not self.steps[-1]:
+            return None
+        tag = walker.value(self.source)
+        return tag.moved(tag.nodes[self.order])
+
+    def compact(self, builder, node):
+        """The first step gathers the output's kept channels in their shuffled order; the others pass it on."""
+        if node is not self.steps[0]:
+            return builder.env[node.args[0]]
+        kept = builder.kept_positions(builder.tag(self.steps[-1]))
+        return builder.gather(builder.env[self.source], builder.kept[self.source], self.order[kept], self.dim)
+
+
+def channel_shuffle(node: fx.Node) -> ChannelShuffle | None:
+    """The channel shuffle ``node`` is a step of, or None."""
+    first = node
+    for _ in range(4):  # the first step is at most three inputs back
+        shuffle = _shuffle_from(first)
+        if shuffle is not None:
+            return shuffle if node in shuffle.steps else None
+        if not first.args or not isinstance(first.args[0], fx.Node):
+            return None
+        first = first.args[0]
+    return None
+
+
+def _shuffle_from(split: fx.Node) -> ChannelShuffle | None:
+    """The channel shuffle starting at ``split``, or None."""
+    if not _is_reshape(split) or not isinstance(split.args[0], fx.Node):
+        return None
+    transpose = _only_user(split)
+    if transpose is None or transpose.target not in _SWAPS or transpose.args[0] is not split:
+        return None
+    steps, merge = (split, transpose), _only_user(transpose)
+    if merge is not None and merge.op == "call_method" and merge.target == "contiguous":
+        steps, merge = (*steps, merge), _only_user(merge)
+    source, parts = split.args[0], tensor_shape(split)
+    shape = tensor_shape(source)
+    if merge is None or not _is_reshape(merge) or shape is None or parts is None or len(parts) != len(shape) + 1:
+        return None
+    order = _order(transpose, len(parts))
+    swapped = [d for d, o in enumerate(order or ()) if d != o]
+    if len(swapped) != 2 or swapped[1] != swapped[0] + 1 or tensor_shape(merge) != shape:
+        return None
+    dim = swapped[0]
+    if parts[:dim] != shape[:dim] or parts[dim + 2 :] != shape[dim + 1 :] or parts[dim] * parts[dim + 1] != shape[dim]:
+        return None
+    order = torch.arange(shape[dim]).view(parts[dim], parts[dim + 1]).t().reshape(-1)
+    return ChannelShuffle(source, (*steps, merge), dim, order)
+
+
+def _is_reshape(node: fx.Node) -> bool:
+    return node.op == "call_method" and node.target in ("view", "reshape") and bool(node.args)
+
+
+def _only_user(node: fx.Node) -> fx.Node | None:
+    return next(iter(node.users)) if len(node.users) == 1 else None
 
 
 def _order(node, ndim: int) -> list[int] | None:

@@ -1,9 +1,11 @@
 """Ops that move channels around: flatten, reshape, expand, unsqueeze, reductions, concatenation, zero
-padding, slicing. Those that only move values (flatten, reshape, expand, unsqueeze) keep a ``nonzero``
-tag (a sigmoid gate reshaped to ``(B, C, 1, 1)`` before its product)."""
+padding, slicing, splitting (``chunk``, ``split``, ``tensor_split``). Those that only move values (flatten,
+reshape, expand, unsqueeze, splitting) keep a ``nonzero`` tag (a sigmoid gate reshaped to ``(B, C, 1, 1)``
+before its product)."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 
@@ -12,6 +14,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from lightning_prune.dependency.channels import ZERO, ChannelTag
+from lightning_prune.ops.layout import channel_shuffle
 from lightning_prune.ops.registry import OpRule, register_op_rule, tensor_shape
 
 
@@ -53,6 +56,9 @@ class Reshape(OpRule):
     takes_nonzero = True
 
     def propagate(self, walker, node):
+        shuffle = channel_shuffle(node)
+        if shuffle is not None and shuffle.tracks(walker.value(shuffle.source)):
+            return shuffle.propagate(walker, node)
         x = walker.value(node.args[0])
         moved = _reshaped(x, tensor_shape(node.args[0]), tensor_shape(node)) if isinstance(x, ChannelTag) else None
         if moved is None:
@@ -61,6 +67,9 @@ class Reshape(OpRule):
         return x.moved(x.nodes.repeat_interleave(inner) if inner > 1 else None, dim, ndim)
 
     def compact(self, builder, node):
+        shuffle = channel_shuffle(node)
+        if shuffle is not None and shuffle.tracks(builder.tag(shuffle.source)):
+            return shuffle.compact(builder, node)
         x = node.args[0]
         out, x_tag = builder.tag(node), builder.tag(x)
         if out is None or x_tag is None or _reshaped(x_tag, tensor_shape(x), tensor_shape(node)) is None:
@@ -284,8 +293,52 @@ class GetItem(OpRule):
         rest = idx[: x_tag.dim] + (slice(None),) + idx[x_tag.dim + 1 :]
         value = builder.env[x]
         if any(s != slice(None) for s in rest):
-            value = builder.copy(node, (value, rest), {})
+            value = builder.copy(node, (value, builder.map_args(rest)), {})  # traced bounds: their compact nodes
         return builder.gather(value, builder.kept[x], positions[builder.kept_positions(out)], out.dim)
+
+
+@register_op_rule(torch.chunk, torch.split, torch.tensor_split, "chunk", "split", "tensor_split")
+class Split(OpRule):
+    """Parts along the channels (``x1, x2 = x.chunk(2, dim=1)``) hold their slices of the channels; along another
+    dimension, all of them. Only when the parts are used as items of the tuple. In the compact network the kept
+    channels are split at each part's own count of them."""
+
+    takes_nonzero = True  # moves values only
+
+    def propagate(self, walker, node):
+        x, dim = walker.value(node.args[0]), _split_dim(node)
+        sizes = _part_sizes(node, dim % x.ndim) if isinstance(x, ChannelTag) and isinstance(dim, int) else None
+        if sizes is None or not all(u.target is operator.getitem and isinstance(u.args[1], int) for u in node.users):
+            return walker.opaque(node)
+        if dim % x.ndim != x.dim:
+            return tuple(x for _ in sizes)
+        starts = itertools.accumulate(sizes, initial=0)
+        return tuple(x.moved(x.nodes[start : start + size]) for start, size in zip(starts, sizes))
+
+    def compact(self, builder, node):
+        x, parts = node.args[0], builder.tags.get(node)
+        x_tag = builder.tag(x)
+        if x_tag is None or not isinstance(parts, tuple):
+            return None
+        dim = _split_dim(node) % x_tag.ndim
+        if dim != x_tag.dim:
+            return builder.copy(node, (builder.at(x, builder.kept_positions(x_tag)), *builder.map_args(node.args[1:])))
+        kept = [builder.kept_positions(part) for part in parts]
+        starts = itertools.accumulate((part.size for part in parts), initial=0)
+        value = builder.at(x, torch.cat([positions + start for positions, start in zip(kept, starts)]))
+        return builder.graph.call_function(torch.split, (value, [k.numel() for k in kept]), {"dim": dim})
+
+
+def _split_dim(node: fx.Node):
+    return node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
+
+
+def _part_sizes(node: fx.Node, dim: int) -> list[int] | None:
+    """The size of each part on dimension ``dim`` (from the example forward), or None."""
+    meta = node.meta.get("tensor_meta")
+    if not isinstance(meta, (tuple, list)) or not all(hasattr(m, "shape") and len(m.shape) > dim for m in meta):
+        return None
+    return [int(m.shape[dim]) for m in meta]
 
 
 def _dropped(idx: tuple, dim: int) -> tuple[int, int]:

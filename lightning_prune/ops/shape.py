@@ -9,8 +9,9 @@ from lightning_prune.ops.registry import OpRule, register_op_rule
 @register_op_rule("size", "dim", "numel", getattr)
 class ShapeQuery(OpRule):
     """No channels. The compact network answers with the full-width tensor's shape, as the original code
-    expects it, unless the query cannot see the channel count (the size of another dimension, an
-    attribute other than ``shape``)."""
+    expects it, read from a full-width view of one kept channel (``narrow``, then ``expand``: nothing is
+    copied), unless the query cannot see the channel count (the size of another dimension, an attribute
+    other than ``shape``)."""
 
     takes_nonzero = True  # reads no values
 
@@ -28,7 +29,16 @@ class ShapeQuery(OpRule):
             sees_width = not isinstance(dim, int) or dim % tag.ndim == tag.dim
         else:
             sees_width = True
-        return None if sees_width else builder.copy(node)
+        if not sees_width:
+            return builder.copy(node)
+        x = node.args[0]
+        if builder.kept[x].numel() in (0, tag.size):  # nothing to rebuild, or no channel to expand
+            return None
+        sizes = [-1] * tag.ndim
+        sizes[tag.dim] = tag.size
+        one = builder.graph.call_method("narrow", (builder.env[x], tag.dim, 0, 1))
+        full = builder.graph.call_method("expand", (one, *sizes))
+        return builder.copy(node, (full, *builder.map_args(node.args[1:])))
 
 
 @register_op_rule("new_empty", "new_zeros", "new_ones", "new_full")
