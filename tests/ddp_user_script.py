@@ -3,7 +3,10 @@
 ``strategy="ddp"`` with a timeout (before the fix the two ranks ran a different number of collectives
 and hung). Each rank writes ``OUT/user_rank<r>.pt``: masks, pruned count, a hash of the parameters.
 
-    python tests/ddp_user_script.py OUT [--module-name net] [--shuffle]
+    python tests/ddp_user_script.py OUT [--module-name net] [--shuffle] [--vit]
+
+``--vit``: the network is a tiny timm ViT pruned to 0.3x its FLOPs (heads must go), then compacted
+inside the fit (``compact_when_done``); each rank also records the heads of its compact attention blocks.
 """
 
 from __future__ import annotations
@@ -36,10 +39,16 @@ class Net(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
+def tiny_vit() -> nn.Module:
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=4, num_classes=10)
+
+
 class M(L.LightningModule):
-    def __init__(self):
+    def __init__(self, net: nn.Module):
         super().__init__()
-        self.net = Net()
+        self.net = net
 
     def training_step(self, b, i):
         x, y = b
@@ -54,15 +63,20 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--module-name", default=None)
     parser.add_argument("--shuffle", action="store_true")  # Lightning's default DistributedSampler then shuffles
+    parser.add_argument("--vit", action="store_true")
     args = parser.parse_args()
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(512, 3, 16, 16), torch.randint(0, 10, (512,)))
     dl = DataLoader(data, batch_size=32, shuffle=args.shuffle)
-    cb = TaylorPruningCallback(
-        criterion="taylor_fo_bn", prune_every_n_batches=2, neurons_per_step=3, keep_ratio=0.6,
-        module_name=args.module_name,
-    )  # fmt: skip
-    model = M()
+    if args.vit:
+        cb = TaylorPruningCallback(target_flops_ratio=0.3, prune_every_n_batches=2, pruning_steps=8,
+                                   compact_when_done=True)  # fmt: skip
+    else:
+        cb = TaylorPruningCallback(
+            criterion="taylor_fo_bn", prune_every_n_batches=2, neurons_per_step=3, keep_ratio=0.6,
+            module_name=args.module_name,
+        )  # fmt: skip
+    model = M(tiny_vit() if args.vit else Net())
     trainer = L.Trainer(
         accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, callbacks=[cb],
         default_root_dir=str(args.out), enable_progress_bar=False,
@@ -75,6 +89,9 @@ def main() -> None:
         "log_dir": trainer.log_dir,
         "hash_params": digest(dict(model.named_parameters())),  # (running stats are per rank without sync BN)
     }
+    if args.vit:
+        result["heads"] = [model.net.get_submodule(f"blocks.{i}.attn").num_heads for i in range(2)]
+        result["flops_kept"] = cb.history[-1].flops / cb.initial_flops
     torch.save(result, args.out / f"user_rank{trainer.global_rank}.pt")
 
 

@@ -266,6 +266,20 @@ def test_users_small_network_without_forward(module_name, shuffle, tmp_path):
     assert [r["step"] for r in history] == ranks[0]["history_steps"]
 
 
+def test_users_vit_loses_heads_identically_on_every_rank(tmp_path):
+    """A tiny timm ViT in ``self.net`` (no forward): under 2-process DDP both ranks remove the same heads and
+    MLP neurons, reach 0.3x the FLOPs (out of reach without removing heads) and train the same compact network after ``compact_when_done``."""
+    pytest.importorskip("timm")
+    script = Path(__file__).with_name("ddp_user_script.py")
+    _launch(tmp_path, [sys.executable, str(script), str(tmp_path), "--vit"])
+    ranks = [torch.load(tmp_path / f"user_rank{r}.pt", weights_only=False) for r in range(2)]
+    assert ranks[0]["heads"] == ranks[1]["heads"] and sum(ranks[0]["heads"]) < 8, ranks[0]["heads"]
+    assert ranks[0]["flops_kept"] <= 0.3
+    for layer, mask in ranks[0]["masks"].items():
+        assert torch.equal(ranks[1]["masks"][layer], mask)
+    assert ranks[0]["hash_params"] == ranks[1]["hash_params"]
+
+
 def test_communication_is_one_flat_tensor_where_needed(ddp_dir):
     """What the callback sends, counted by wrapping torch.distributed during the run (rank 1's view).
 

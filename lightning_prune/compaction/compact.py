@@ -19,6 +19,8 @@ The traced graph is copied node by node, each op rewritten by the ``compact`` ha
   blocks) and other channel-wise ops (activations, pooling, scaling by a number) work on the compact
   tensors as they are.
 * Channel zero-padding (option-A shortcuts) and channel slicing become gathers of the kept channels.
+* A channel split (``chunk``, ``split``, ``tensor_split``) splits the kept channels at each part's count of them;
+  a channel shuffle (ShuffleNet's ``view``/``transpose``/``view``) becomes a gather in the shuffled order.
 * ``view``/``reshape`` get the size of their channel dimension rewritten.
 * Anything else (an op without a rule or that its rule declines, a module called twice, a grouped
   convolution, the network's outputs) gets its inputs rebuilt at full width, zeros at the removed
@@ -426,7 +428,11 @@ def _input_spec(node: fx.Node) -> dict[str, Any]:
 
 
 def example_from_spec(specs: list[dict[str, Any]], device: torch.device | None = None) -> tuple[Any, ...]:
-    """Zero tensors shaped like the inputs a network was traced with."""
+    """Zero tensors shaped like the inputs a network was traced with; trailing inputs that were no tensors are
+    left out, so they take their defaults (timm's ``is_causal=False``)."""
+    specs = list(specs)
+    while specs and specs[-1]["shape"] is None:
+        specs.pop()
     return tuple(
         None if s["shape"] is None else torch.zeros(s["shape"], dtype=getattr(torch, s["dtype"]), device=device)
         for s in specs
@@ -447,6 +453,8 @@ class CompactBuilder:
 
     def __init__(self, model: nn.Module, graph: DependencyGraph, alive: torch.Tensor) -> None:
         self.src = graph.traced
+        prefix = _graph_prefix(graph)
+        self.readers = {name[len(prefix):]: neurons for name, neurons in graph.readers.items()}
         self.tags = graph.channel_neurons
         self.neuron_of_node = graph.neuron_of_node
         self.alive = alive
@@ -486,6 +494,14 @@ class CompactBuilder:
         valid = raw != ZERO
         keep = torch.zeros_like(valid)
         keep[valid] = self.alive[self.neuron_of_node[raw[valid]]]
+        return torch.nonzero(keep).flatten()
+
+    def kept_inputs(self, layer: str) -> torch.Tensor:
+        """Positions of the input features of Conv/Linear ``layer`` (a traced name) that the compact network keeps."""
+        neurons = self.readers[layer]
+        keep = torch.zeros(neurons.numel(), dtype=torch.bool)
+        valid = neurons >= 0
+        keep[valid] = self.alive[neurons[valid]]
         return torch.nonzero(keep).flatten()
 
     def visit(self, node: fx.Node) -> fx.Node:

@@ -66,6 +66,8 @@ class DependencyGraph:
     channel_neurons: dict[fx.Node, Any]  # fx node -> ChannelTag of raw nodes, see ``neuron_of_node``
     neuron_of_node: torch.Tensor  # raw channel node id -> neuron id
     causes: dict[str, int] = field(default_factory=dict)  # reason -> neurons it keeps (``blocked``: the first)
+    # module -> neurons: its own FLOPs besides its Conv/Linear layers (attention scores) scale with their kept share
+    scaled: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def alive_from_masks(self, masks: dict[str, torch.Tensor]) -> torch.Tensor:
         """Bool per neuron, False for every neuron some gate mask marks as removed."""
@@ -184,6 +186,7 @@ def build_dependency_graph(
         channel_neurons=prop.values,
         neuron_of_node=dense,
         causes=causes,
+        scaled={prefix + name: neurons_of(raw) for name, raw in prop.scaled.items()},
     )
     if graph.num_prunable == 0:
         reasons = Counter(blocked.values()).most_common(5)

@@ -41,6 +41,8 @@ class Propagation:
     layers: dict[str, LayerUse] = field(default_factory=dict)
     creator: dict[int, tuple[str, int]] = field(default_factory=dict)  # fresh node -> (layer, channel)
     values: dict[fx.Node, Any] = field(default_factory=dict)  # fx node -> ChannelTag (or nested, or None)
+    # module -> nodes: the module's own FLOPs (besides its Conv/Linear layers) scale with their kept share
+    scaled: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def propagate(gm: fx.GraphModule) -> Propagation:

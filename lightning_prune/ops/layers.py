@@ -2,8 +2,8 @@
 them through. In the compact network their weights are sliced to the kept channels. Linear acts on the last
 dimension of a tensor of any rank (channels-last blocks, transformers), a 1x1 convolution there.
 
-LayerNorm and GroupNorm over the channels, and attention, keep the channels that flow through them (see
-:class:`Normalization` and :class:`Attention`)."""
+LayerNorm and GroupNorm over the channels keep the channels that flow through them (see :class:`Normalization`);
+attention is in :mod:`.attention`."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from lightning_prune.dependency.channels import ChannelTag
-from lightning_prune.ops.registry import OpRule, register_op_rule, tensor_shape
+from lightning_prune.ops.registry import OpRule, register_op_rule
 
 
 @register_op_rule(nn.modules.conv._ConvNd)
@@ -154,21 +154,6 @@ def _normalizes_channels(walker, node: fx.Node, x: ChannelTag) -> str | None:
         shape = node.kwargs.get("normalized_shape", node.args[1] if len(node.args) > 1 else None)
     shape = (shape,) if isinstance(shape, int) else shape
     return "LayerNorm" if isinstance(shape, (tuple, list)) and x.dim >= x.ndim - len(shape) else None
-
-
-@register_op_rule(nn.MultiheadAttention, "torchvision.models.swin_transformer.shifted_window_attention")
-class Attention(OpRule):
-    """Attention (``nn.MultiheadAttention``, torchvision's Swin window attention) is one op for now: the
-    channels flowing in and out are kept. Its output has its channels on the last dimension."""
-
-    def propagate(self, walker, node):
-        reason = f"flow into or out of attention {walker.where(node)}"
-        out = walker.kept_around(node, reason)
-        meta = node.meta.get("tensor_meta")
-        if tensor_shape(node) is not None or not isinstance(meta, tuple):
-            return out
-        shape = tuple(meta[0].shape)  # nn.MultiheadAttention: (output, attention weights or None)
-        return ChannelTag(walker.nodes.fresh(shape[-1], reason), len(shape) - 1, len(shape)), None
 
 
 def _tie_groups(walker, nodes: torch.Tensor, groups: int) -> None:

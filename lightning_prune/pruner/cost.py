@@ -14,7 +14,8 @@ from lightning_prune.dependency.trace import as_call_args
 
 class CostModel:
     """Counts FLOPs once with ``torch.utils.flop_counter`` on the example input, per layer, then scales
-    every Conv/Linear layer's count by its fraction of remaining input and output channels.
+    every Conv/Linear layer's count by its fraction of remaining input and output channels, and the other
+    FLOPs of a module listed in ``graph.scaled`` (an attention's products) by its neurons' kept fraction.
 
     FLOPs are per example (the count for the example batch divided by its size), counted as
     ``torch.utils.flop_counter`` does (a multiply-add is 2 FLOPs).
@@ -42,7 +43,14 @@ class CostModel:
             name = prefix + key.partition(".")[2]  # keys are "<RootClass>.<qualified name>"
             if name in graph.readers:
                 self.layer_flops[name] = sum(ops.values()) / batch
-        self._fixed_flops = self.total_flops - sum(self.layer_flops.values())
+        # the products inside a module whose own FLOPs scale with some neurons (attention and its heads)
+        self.scaled_flops: dict[str, float] = {}
+        for key, ops in per_module.items():
+            name = prefix + key.partition(".")[2]
+            if name in graph.scaled:
+                inner = sum(f for layer, f in self.layer_flops.items() if layer.startswith(name + "."))
+                self.scaled_flops[name] = sum(ops.values()) / batch - inner
+        self._fixed_flops = self.total_flops - sum(self.layer_flops.values()) - sum(self.scaled_flops.values())
         self._layer_params = {
             name: sum(p.numel() for p in graph.modules[name].parameters(recurse=False))
             for name in set(graph.readers) | set(graph.writers)
@@ -68,6 +76,8 @@ class CostModel:
         for name, base in self.layer_flops.items():
             fin, fout = self._fractions(name, padded)
             total += base * fin * fout
+        for name, base in self.scaled_flops.items():
+            total += base * float(padded[self.graph.scaled[name]].float().mean())
         return round(total)
 
     def params(self, alive: torch.Tensor) -> int:
