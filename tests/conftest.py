@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import types
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import synthetic_time
 from torch.utils.data import TensorDataset
 
@@ -48,3 +50,34 @@ def counted(monkeypatch, tmp_path):
 
     monkeypatch.setattr(table_module, "_time", timer)
     return calls
+
+
+@pytest.fixture
+def layered(counted, monkeypatch):
+    """``counted``, on a device where a whole network takes the sum of its Conv/Linear layers' synthetic times
+    (not a fixed 1 ms), each at least ``floor`` seconds (0 unless a test sets it): with 0 measured and
+    predicted latency agree; with more, narrow layers inside a network cost more than the table, timing them
+    alone, predicts (as per-op overhead would make them)."""
+    import lightning_prune.latency.table as table_module
+
+    device = types.SimpleNamespace(calls=counted, floor=0.0)
+
+    def timer(module, args, kwargs, warmup, repeats):
+        if isinstance(module, table_module._Unit) or not any(True for _ in module.children()):
+            return synthetic_time(module, args, kwargs, warmup, repeats)
+        layers = []
+
+        def hook(layer, layer_args, out):
+            layers.append(max(device.floor, synthetic_time(layer, layer_args, {}, warmup, repeats)))
+
+        handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, (torch.nn.Conv2d,
+                                                                                               torch.nn.Linear))]
+        with torch.no_grad():
+            module(*args, **kwargs)
+        for handle in handles:
+            handle.remove()
+        counted.append(module)
+        return sum(layers)
+
+    monkeypatch.setattr(table_module, "_time", timer)
+    return device

@@ -110,8 +110,8 @@ def test_compaction_docs():
     assert type(lit.net).__name__ == "CompactSmallResNet"
 
 
-def test_latency_docs(counted):
-    """The table (timed by the tests' synthetic timer), then the callback option in a fit."""
+def test_latency_docs(layered):
+    """The table (timed by the tests' synthetic device), then the callback option in a fit."""
     model, example = SmallResNet(width=16), torch.randn(2, 3, 16, 16)
     table_block, callback_block = blocks("docs/latency.md")
     alive = torch.ones(lp_graph_neurons(model, example), dtype=torch.bool)

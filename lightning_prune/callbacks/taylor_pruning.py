@@ -105,6 +105,10 @@ class TaylorPruningCallback(Callback):
             :meth:`LatencyTable.build`) and sent to the other ranks.
         latency_batch_size: the batch size latency is measured at (default: the network's first input's).
         latency_width_step: the width step of the measured table (channels come off in multiples of it).
+        latency_feedback: when the predicted latency reaches the target, time the compact network and the
+            full-width one back to back (rank zero, figures sent to every rank); if the measured ratio is more
+            than 2% above the target, calibrate the table on both (:meth:`LatencyTable.calibrated`) and go on
+            pruning. At most this many times (0: trust the table).
         compact_round_to: keep a multiple of this many channels per layer in the compact model (e.g. 16,
             oneDNN's float32 channel block on AVX-512 CPUs, or 8 for tensor cores). The FLOPs and
             parameters logged, and ``target_flops_ratio``, then count the rounded widths: pruning goes on
@@ -142,6 +146,7 @@ class TaylorPruningCallback(Callback):
         latency_table: LatencyTable | None = None,
         latency_batch_size: int | None = None,
         latency_width_step: int = 8,
+        latency_feedback: int = 3,
         pruning_steps: int | float | None = None,
         schedule: Literal["cubic", "linear"] = "cubic",
         compact_when_done: bool = False,
@@ -173,6 +178,8 @@ class TaylorPruningCallback(Callback):
                f"target_latency_ratio must be in (0, 1), got {target_latency_ratio!r}")  # fmt: skip
         _check(isinstance(latency_width_step, int) and latency_width_step >= 1,
                f"latency_width_step must be a positive int, got {latency_width_step!r}")  # fmt: skip
+        _check(isinstance(latency_feedback, int) and latency_feedback >= 0,
+               f"latency_feedback must be an int >= 0, got {latency_feedback!r}")  # fmt: skip
         _check(latency_batch_size is None or (isinstance(latency_batch_size, int) and latency_batch_size >= 1),
                f"latency_batch_size must be a positive int, got {latency_batch_size!r}")  # fmt: skip
         _check(pruning_steps is None or (isinstance(pruning_steps, int) and pruning_steps >= 1)
@@ -210,8 +217,11 @@ class TaylorPruningCallback(Callback):
         self.latency_table = latency_table
         self.latency_batch_size = latency_batch_size
         self.latency_width_step = latency_width_step
+        self.latency_feedback = latency_feedback
+        self._feedback_rounds = 0
+        self._measured: tuple[torch.Tensor, float, float] | None = None  # (alive, full-width s, compact s)
         self.initial_latency: float | None = None  # predicted seconds of the network before pruning
-        self.measured_latency: float | None = None  # measured seconds of the compact network (rank zero)
+        self.measured_latency: float | None = None  # measured seconds of the compact network (rank zero's)
         self._latency_input: Any = None  # the traced network's input, to time its compact version
         self._latency_selector: LatencySelector | None = None
         self.pruning_steps = pruning_steps
@@ -461,25 +471,57 @@ class TaylorPruningCallback(Callback):
                 f"{math.ceil(floor * 100) / 100:g}, or a larger latency_batch_size (overhead then weighs less)."
             )
 
+    def _measure_latency(self, trainer: pl.Trainer) -> tuple[float, float]:
+        """Seconds of the full-width network and of its compact version, timed back to back as the table times
+        (rank zero; every rank gets rank zero's figures)."""
+        alive = self.graph.alive_from_masks(self.compact_masks)
+        if self._measured is None or not torch.equal(self._measured[0], alive):
+            figures = None
+            if trainer.is_global_zero:
+                traced = self.graph.modules[min(self.graph.modules, key=len)]  # masked: full width
+                small = compact(traced, self.compact_masks, graph=self.graph)
+                figures = (self.latency_table.measure(traced, self._latency_input),
+                           self.latency_table.measure(small, self._latency_input))  # fmt: skip
+            self._measured = (alive, *trainer.strategy.broadcast(figures, src=0))
+        return self._measured[1], self._measured[2]
+
+    def _latency_missed(self, trainer: pl.Trainer) -> bool:
+        """See ``latency_feedback``: True when the measured latency misses the target and pruning goes on with
+        the table calibrated on the measurements."""
+        if self._latency_input is None or self._feedback_rounds >= self.latency_feedback:
+            return False
+        self._feedback_rounds += 1
+        full, small = self._measure_latency(trainer)
+        if small <= (self.target_latency_ratio + 0.02) * full:
+            return False
+        predicted = self.history[-1].latency / self.initial_latency
+        self.latency_table = self.latency_table.calibrated(self._measured[0], small, full)
+        self._latency_selector = LatencySelector(self.graph, self.latency_table, self.min_channels)
+        self.initial_latency = self.latency_table.predict(torch.ones_like(self._alive))
+        rank_zero_info(
+            f"TaylorPruningCallback: measured latency {small / full:.3f} of the full network's (predicted "
+            f"{predicted:.3f}, target {self.target_latency_ratio:g}): table calibrated on the measurements, pruning goes on "
+            f"(feedback {self._feedback_rounds} of {self.latency_feedback})."
+        )
+        return True
+
     def _log_measured_latency(self, trainer: pl.Trainer) -> None:
-        """Time the compact network as the table timed the full one (rank zero) and log it beside the prediction."""
-        if self._latency_input is None or self.latency_table is None or not trainer.is_global_zero:
+        """With a latency target, when pruning ends: log the compact network's measured latency beside the
+        prediction."""
+        if self._latency_input is None or self.latency_table is None:
             return
-        traced = self.graph.modules[min(self.graph.modules, key=len)]
-        small = compact(traced, self.compact_masks, graph=self.graph)
-        self.measured_latency = self.latency_table.measure(small, self._latency_input)
-        predicted = self.latency_table.predict(self.graph.alive_from_masks(self.compact_masks))
-        initial = self.initial_latency
+        full, small = self._measure_latency(trainer)
+        self.measured_latency = small
+        predicted = self.latency_table.predict(self._measured[0])
         rank_zero_info(
             f"TaylorPruningCallback: compact network latency at batch {self.latency_table.env['batch']}: measured "
-            f"{self.measured_latency * 1e3:.2f} ms, predicted {predicted * 1e3:.2f} ms; "
-            f"{self.measured_latency / initial:.3f} of the full network's {initial * 1e3:.2f} ms "
-            f"(target {self.target_latency_ratio:g})."
+            f"{small * 1e3:.2f} ms, predicted {predicted * 1e3:.2f} ms; {small / full:.3f} of the full-width "
+            f"network's {full * 1e3:.2f} ms measured with it (target {self.target_latency_ratio:g})."
         )
-        metrics = {"pruning/latency_measured_s": self.measured_latency,
-                   "pruning/latency_measured_kept": self.measured_latency / initial}  # fmt: skip
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+        if trainer.is_global_zero:
+            metrics = {"pruning/latency_measured_s": small, "pruning/latency_measured_kept": small / full}
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
 
     def _attach_distiller(self, trainer: pl.Trainer, network: nn.Module) -> None:
         """The distillation gradient on ``network``'s output, scaled like the loss' gradient (AMP scale,
@@ -639,6 +681,8 @@ class TaylorPruningCallback(Callback):
             self._finish(trainer, "target reached")
             return
         reached = self._cost_targets_reached()
+        if reached and self._latency_missed(trainer):
+            reached = None  # the table, calibrated on measurements, says the target is not met yet
         if reached:
             self._finish(trainer, reached)
         elif not chosen.numel() and goal_latency == self.target_latency_ratio and goal_flops == self.target_flops_ratio:
@@ -894,6 +938,7 @@ class TaylorPruningCallback(Callback):
             "compacted": self.compacted,
             "network_path": self._network_path,
             "latency_table": None if self._latency_selector is None else self.latency_table.state_dict(),
+            "feedback_rounds": self._feedback_rounds,
             # the teacher is the network before pruning: a resumed run must not distil from a pruned one
             "teacher": None if self._distiller is None else {k: v.cpu() for k, v in self._distiller.teacher.state_dict().items()},
         }
@@ -942,6 +987,7 @@ class TaylorPruningCallback(Callback):
         self._interval_count = state["interval_count"]
         self._steps_in_interval = state["steps_in_interval"]
         self._pruning_step = state.get("pruning_step", len(self.history))
+        self._feedback_rounds = state.get("feedback_rounds", 0)
         self.num_pruned = state["num_pruned"]
         self.done = state["done"]
         self.stop_reason = state["stop_reason"]
