@@ -17,6 +17,9 @@ re-estimated on the masked network after each step, removed neurons zeroed) and 
   at the target. One network per batch size (the table is per batch size). With ``--calibrate`` the
   table is first calibrated (``LatencyTable.calibrated``) on the measured full network and one
   compacted to half width, and the budget is a fraction of the measured full latency.
+  Then, as the callback's ``latency_feedback`` (``--feedback`` rounds, 0: none): the compact network and the
+  masked full-width one are timed back to back; more than 2% above the target, the table is calibrated on
+  both and one more step removes neurons under it.
 
 Each compacted network is measured: eager latency (median of ``--repeats`` runs after warm-up, in
 ``torch.inference_mode``), the same after ``torch.jit.optimize_for_inference(torch.jit.script(model))``
@@ -196,11 +199,39 @@ def iterative_prune(net: Net, arm: str, target: float, table: LatencyTable | Non
         else:
             alive = latency_selector.select(torch.nan_to_num(scores, nan=0.0), alive, fraction * full_predicted)
         apply_alive(graph, alive)
+    info = {}
+    if arm == "latency" and net.args.feedback:
+        alive, table, info = feedback(net, model, graph, alive, table, target)
+        full_predicted = table.predict(torch.ones_like(alive))
     compacted = compact(model, masks_from_alive(graph, alive), graph=graph).eval()
-    info = {"flops_model_ratio": round(cost.flops(alive) / full_flops, 4)}
+    info["flops_model_ratio"] = round(cost.flops(alive) / full_flops, 4)
     if table is not None:
         info["predicted_latency_ratio"] = round(table.predict(alive) / full_predicted, 4)
     return compacted, info
+
+
+def feedback(net: Net, model: nn.Module, graph, alive: torch.Tensor, table: LatencyTable,
+             target: float) -> tuple[torch.Tensor, LatencyTable, dict]:  # fmt: skip
+    """The callback's ``latency_feedback``: time the compact and the masked full-width network back to back;
+    while the measured ratio is more than 2% above ``target`` (at most ``--feedback`` times), calibrate the
+    table on both and remove more under it (one more importance estimate and knapsack)."""
+    batch = table.env["batch"]
+    x = torch.randn(batch, 3, net.size, net.size)
+    rounds = []
+    for _ in range(net.args.feedback):
+        small = compact(model, masks_from_alive(graph, alive), graph=graph).eval()
+        full_s = median_seconds(model.eval(), x, net.repeats(batch))
+        small_s = median_seconds(small, x, net.repeats(batch))
+        rounds.append(round(small_s / full_s, 4))
+        if small_s <= (target + 0.02) * full_s:
+            break
+        table = table.calibrated(alive, small_s, full_s)
+        scores = estimate_importance(model, net.batches(), "taylor_fo_bn", graph=graph, alive=alive).neurons
+        budget = target * table.predict(torch.ones_like(alive))
+        alive = LatencySelector(graph, table).select(torch.nan_to_num(scores, nan=0.0), alive, budget)
+        apply_alive(graph, alive)
+    print(f"  feedback {net.name} batch {batch}: measured ratios {rounds}", flush=True)
+    return alive, table, {"feedback_measured_ratios": rounds}
 
 
 # ----------------------------------------------------------------------------- the check
@@ -368,6 +399,8 @@ def main() -> None:
     parser.add_argument("--calibrate", action="store_true",
                         help="latency arm: the table calibrated on the full and a half-width network (default: raw)")
     parser.add_argument("--width-step", type=int, default=None, help="table step (default 8; ResNet-50: 32)")
+    parser.add_argument("--feedback", type=int, default=3,
+                        help="latency arm: measured-latency feedback rounds, as the callback's latency_feedback")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache-dir", type=Path, default=None)
     parser.add_argument("--check", action="store_true", help="predicted against measured latency only")
