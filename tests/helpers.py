@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import sys
 import tarfile
 import tempfile
 from pathlib import Path
@@ -17,6 +18,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_prune.data import CIFAR10_CLASSES
 from lightning_prune.latency.table import _Unit
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.coverage import NetOnly  # noqa: E402, F401  (what a user writes: no forward, the network in self.net)
 
 
 class SmallCNN(nn.Module):

@@ -7,12 +7,11 @@ import copy
 import io
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from helpers import Classifier, SmallResNet, synthetic_loader, trainer
+from helpers import Classifier, NetOnly, SmallResNet, synthetic_loader, trainer
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -406,21 +405,6 @@ def test_callback_default_compact_path_is_log_dir(tmp_path: Path) -> None:
     assert Path(callback.compact_file) == expected and expected.is_file()
 
 
-class _NetOnly(pl.LightningModule):
-    """A LightningModule without forward or example_input_array: the network lives in ``self.net``."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self.net(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
-
-
 def _pruned(pattern: str, tmp_path: Path | None = None, **callback_kwargs):
     """A SmallResNet pruned by the callback in a LightningModule: ``"forward"`` (a forward and an
     example_input_array, so the LightningModule itself is traced), ``"module_name"`` (the network named),
@@ -428,7 +412,7 @@ def _pruned(pattern: str, tmp_path: Path | None = None, **callback_kwargs):
     torch.manual_seed(0)
     net = SmallResNet(width=8)
     if pattern == "no_forward":
-        lit = _NetOnly(net)
+        lit = NetOnly(net)
     else:
         lit = Classifier(net, lr=0.01, example=torch.zeros(2, 3, 16, 16) if pattern == "forward" else None)
     callback = TaylorPruningCallback(

@@ -8,8 +8,7 @@ import pytest
 import torch
 from test_ops_gating import assert_compact_equals_masked, prune_neurons
 
-import lightning.pytorch as pl
-from helpers import synthetic_loader, trainer
+from helpers import NetOnly, synthetic_loader, trainer
 from lightning_prune import TaylorPruningCallback, build_dependency_graph, compact
 from lightning_prune.pruner.cost import CostModel
 
@@ -82,24 +81,9 @@ def test_heads_followed_by_a_norm_over_all_heads_are_kept_with_the_reason() -> N
     assert any("a norm or gate over all heads follows them" in reason for reason in graph.causes)
 
 
-class _NetOnly(pl.LightningModule):
-    """A LightningModule without ``forward``: ``training_step`` calls ``self.net``."""
-
-    def __init__(self, net) -> None:
-        super().__init__()
-        self.net = net
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return torch.nn.functional.cross_entropy(self.net(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
-
-
 def test_callback_removes_vit_heads_in_a_module_without_forward(tmp_path) -> None:
     torch.manual_seed(0)
-    module = _NetOnly(tiny_vit())
+    module = NetOnly(tiny_vit())
     callback = TaylorPruningCallback(target_flops_ratio=0.5, prune_every_n_batches=1, pruning_steps=3,
                                      compact_on_fit_end=True)  # fmt: skip
     trainer(max_steps=4, callbacks=[callback], default_root_dir=tmp_path).fit(

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from helpers import relative_error, synthetic_loader, trainer
-from test_compaction import _flops, _NetOnly, calibrate_batchnorm
+from helpers import NetOnly, relative_error, synthetic_loader, trainer
+from test_compaction import _flops, calibrate_batchnorm
 from torch import nn
 
 from lightning_prune import TaylorPruningCallback, build_dependency_graph, compact
@@ -389,7 +389,7 @@ def test_callback_halves_mobilenet_v3_flops_in_a_module_without_forward() -> Non
         prune_every_n_batches=1, neurons_per_step=0.3, target_flops_ratio=0.5,
         criterion="random", criterion_kwargs={"seed": 0},
     )  # fmt: skip
-    trainer(max_steps=4, callbacks=[callback]).fit(_NetOnly(net), synthetic_loader(n=16, batch_size=4, size=32))
+    trainer(max_steps=4, callbacks=[callback]).fit(NetOnly(net), synthetic_loader(n=16, batch_size=4, size=32))
     assert callback.done and "FLOPs target" in callback.stop_reason
     graph = callback.graph
     assert all(prefixed in graph.gates for prefixed in ("net." + n for n in TORCHVISION["mobilenet_v3_small"]))
