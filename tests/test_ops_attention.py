@@ -81,6 +81,31 @@ def test_heads_followed_by_a_norm_over_all_heads_are_kept_with_the_reason() -> N
     assert any("a norm or gate over all heads follows them" in reason for reason in graph.causes)
 
 
+def test_a_user_rule_for_an_own_attention_module_prunes_its_heads_or_names_a_wrong_layout() -> None:
+    from lightning_prune.ops import register_op_rule
+    from lightning_prune.ops.attention import HeadAttention, HeadLayout
+
+    class MyAttention(timm.layers.Attention):  # a user's own class (here: timm's, renamed)
+        pass
+
+    @register_op_rule(MyAttention)
+    class MyAttentionHeads(HeadAttention):
+        head_dim = 12
+
+        def layout(self, module):
+            return HeadLayout("qkv", "proj", module.num_heads, self.head_dim)
+
+    model = tiny_vit(depth=1)
+    model.blocks[0].attn = MyAttention(48, num_heads=4)
+    x = torch.randn(2, 3, 32, 32)
+    graph = build_dependency_graph(model.eval(), x)
+    assert len(heads_of(graph, "blocks.0.attn")) == 4
+    MyAttentionHeads.head_dim = 10  # a layout that does not fit the module
+    graph = build_dependency_graph(model, x)
+    assert "blocks.0.attn.qkv" not in graph.gates
+    assert any("'qkv' and 'proj' are no Linear layers of 120 outputs, 40 inputs" in r for r in graph.causes)
+
+
 def test_callback_removes_vit_heads_in_a_module_without_forward(tmp_path) -> None:
     torch.manual_seed(0)
     module = NetOnly(tiny_vit())

@@ -42,12 +42,25 @@ class HeadAttention(OpRule):
         """The module's :class:`HeadLayout`, or why its heads cannot be removed."""
         raise NotImplementedError
 
+    def checked_layout(self, module: nn.Module) -> HeadLayout | str:
+        """:meth:`layout`, or why it does not fit the module: ``qkv`` and ``proj`` must be Linear layers of
+        ``3 * num_heads * head_dim`` outputs and ``num_heads * head_dim`` inputs."""
+        layout = self.layout(module)
+        if isinstance(layout, str):
+            return layout
+        width = layout.num_heads * layout.head_dim
+        qkv, proj = module.get_submodule(layout.qkv), module.get_submodule(layout.proj)
+        if not (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear)
+                and qkv.out_features == 3 * width and proj.in_features == width):  # fmt: skip
+            return f"{layout.qkv!r} and {layout.proj!r} are no Linear layers of {3 * width} outputs, {width} inputs"
+        return layout
+
     def set_heads(self, module: nn.Module, num_heads: int) -> None:
         module.num_heads = num_heads
 
     def propagate(self, walker, node):
         name, module = str(node.target), walker.modules[str(node.target)]
-        layout = self.layout(module)
+        layout = self.checked_layout(module)
         x = walker.value(node.args[0]) if node.args else None
         out_shape = tensor_shape(node)
         if isinstance(layout, str) or not isinstance(x, ChannelTag) or x.dim != x.ndim - 1 or out_shape is None:
@@ -74,7 +87,7 @@ class HeadAttention(OpRule):
     def compact(self, builder, node):
         name = str(node.target)
         module = builder.modules[name]
-        layout = self.layout(module)
+        layout = self.checked_layout(module)
         if builder.calls[name] != 1 or isinstance(layout, str):
             return None
         x = node.args[0]
