@@ -18,7 +18,7 @@ re-estimated on the masked network after each step, removed neurons zeroed) and 
   table is first calibrated (``LatencyTable.calibrated``) on the measured full network and one
   compacted to half width, and the budget is a fraction of the measured full latency.
   Then, as the callback's ``latency_feedback`` (``--feedback`` rounds, 0: none): the compact network and the
-  masked full-width one are timed back to back; more than 2% above the target, the table is calibrated on
+  masked full-width one are timed in turn; more than 2% above the target, the table is calibrated on
   both and one more step removes neurons under it.
 
 Each compacted network is measured: eager latency (median of ``--repeats`` runs after warm-up, in
@@ -212,16 +212,15 @@ def iterative_prune(net: Net, arm: str, target: float, table: LatencyTable | Non
 
 def feedback(net: Net, model: nn.Module, graph, alive: torch.Tensor, table: LatencyTable,
              target: float) -> tuple[torch.Tensor, LatencyTable, dict]:  # fmt: skip
-    """The callback's ``latency_feedback``: time the compact and the masked full-width network back to back;
-    while the measured ratio is more than 2% above ``target`` (at most ``--feedback`` times), calibrate the
-    table on both and remove more under it (one more importance estimate and knapsack)."""
+    """The callback's ``latency_feedback``: time the compact and the masked full-width network in turn
+    (``LatencyTable.measure``); while the measured ratio is more than 2% above ``target`` (at most
+    ``--feedback`` times), calibrate the table on both and remove more under it (one more importance estimate
+    and knapsack)."""
     batch = table.env["batch"]
-    x = torch.randn(batch, 3, net.size, net.size)
     rounds = []
     for _ in range(net.args.feedback):
         small = compact(model, masks_from_alive(graph, alive), graph=graph).eval()
-        full_s = median_seconds(model.eval(), x, net.repeats(batch))
-        small_s = median_seconds(small, x, net.repeats(batch))
+        full_s, small_s = table.measure([model, small], net.example, repeats=net.repeats(batch))
         rounds.append(round(small_s / full_s, 4))
         if small_s <= (target + 0.02) * full_s:
             break

@@ -472,16 +472,15 @@ class TaylorPruningCallback(Callback):
             )
 
     def _measure_latency(self, trainer: pl.Trainer) -> tuple[float, float]:
-        """Seconds of the full-width network and of its compact version, timed back to back as the table times
-        (rank zero; every rank gets rank zero's figures)."""
+        """Seconds of the full-width network and of its compact version, timed in turn as the table times
+        (:meth:`LatencyTable.measure`; rank zero, every rank gets rank zero's figures)."""
         alive = self.graph.alive_from_masks(self.compact_masks)
         if self._measured is None or not torch.equal(self._measured[0], alive):
             figures = None
             if trainer.is_global_zero:
                 traced = self.graph.modules[min(self.graph.modules, key=len)]  # masked: full width
                 small = compact(traced, self.compact_masks, graph=self.graph)
-                figures = (self.latency_table.measure(traced, self._latency_input),
-                           self.latency_table.measure(small, self._latency_input))  # fmt: skip
+                figures = tuple(self.latency_table.measure([traced, small], self._latency_input))
             self._measured = (alive, *trainer.strategy.broadcast(figures, src=0))
         return self._measured[1], self._measured[2]
 
@@ -500,8 +499,8 @@ class TaylorPruningCallback(Callback):
         self.initial_latency = self.latency_table.predict(torch.ones_like(self._alive))
         rank_zero_info(
             f"TaylorPruningCallback: measured latency {small / full:.3f} of the full network's (predicted "
-            f"{predicted:.3f}, target {self.target_latency_ratio:g}): table calibrated on the measurements, pruning goes on "
-            f"(feedback {self._feedback_rounds} of {self.latency_feedback})."
+            f"{predicted:.3f}, target {self.target_latency_ratio:g}): table calibrated on the measurements, pruning "
+            f"goes on (feedback {self._feedback_rounds} of {self.latency_feedback})."
         )
         return True
 

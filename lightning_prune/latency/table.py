@@ -79,14 +79,22 @@ class LatencyTable:
         padded = torch.cat([alive.to("cpu", torch.bool), torch.tensor([False])])
         return self.rest + sum(layer.seconds(*layer.widths(padded)) for layer in self.layers.values())
 
-    def measure(self, model: nn.Module, example_input: Any, warmup: int = 3, repeats: int = 10) -> float:
-        """Measured seconds of ``model`` (a copy, in eval mode) at this table's batch size, dtype and memory
-        format, on the device of its parameters: what :meth:`predict` predicts, for a compact network."""
+    def measure(self, models: list[nn.Module], example_input: Any, rounds: int = 3, warmup: int = 3,
+                repeats: int = 10) -> list[float]:  # fmt: skip
+        """Measured seconds of each of ``models`` (copies, in eval mode) at this table's batch size, dtype and
+        memory format, on the device of their parameters: what :meth:`predict` predicts. Timed in turn, one
+        after the other, ``rounds`` times (the median of each model's rounds), so that a change of the machine's
+        load affects all of them alike."""
         args, kwargs = as_call_args(example_input)
         dtype = getattr(torch, self.env["dtype"].removeprefix("torch."))
         memory_format = getattr(torch, self.env["memory_format"].removeprefix("torch."))
-        device = next(model.parameters()).device
-        return _time_network(model, args, kwargs, self.env["batch"], dtype, device, memory_format, warmup, repeats)
+        times: list[list[float]] = [[] for _ in models]
+        for _ in range(rounds):
+            for model, record in zip(models, times):
+                device = next(model.parameters()).device
+                record.append(_time_network(model, args, kwargs, self.env["batch"], dtype, device, memory_format,
+                                            warmup, repeats))  # fmt: skip
+        return [statistics.median(record) for record in times]
 
     def calibrated(self, alive: torch.Tensor, measured: float, full_measured: float) -> LatencyTable:
         """A copy of the table whose prediction is the linear map ``a * predict + b`` through two measured
