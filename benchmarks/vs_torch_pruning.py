@@ -278,10 +278,10 @@ def tp_finetuned(method: str, target: float, steps: int, batches, test, seed: in
                time.perf_counter() - start)  # fmt: skip
 
 
-# our fine-tuning settings per budget (optimizer steps): "best" prunes over the first 4% (1,500 steps) to quarter
-# (160 steps) of the steps (cubic schedule, exact stop at the target) then trains the compact network; "paper" is the paper's
-# schedule, a fixed number of neurons every 10 steps (2% of them; 5% at 160 steps, where 2% cannot reach
-# the target in time) on the masked network to the end
+# our fine-tuning settings per budget (optimizer steps): "best" prunes over the first 4% (1,500 steps) to
+# quarter (160 steps) of the steps (cubic schedule, exact stop at the target) then trains the compact network;
+# "paper" is the paper's schedule, a fixed number of neurons every 10 steps (2% of them; 5% at 160 steps,
+# where 2% cannot reach the target in time) on the masked network to the end
 OUR_FT: dict[str, dict[int, dict[str, Any]]] = {
     "best": {160: {"prune_every_n_batches": 4, "pruning_steps": 40, "compact_when_done": True},
              1500: {"prune_every_n_batches": 2, "pruning_steps": 60, "compact_when_done": True}},
