@@ -106,7 +106,7 @@ class TaylorPruningCallback(Callback):
         latency_batch_size: the batch size latency is measured at (default: the network's first input's).
         latency_width_step: the width step of the measured table (channels come off in multiples of it).
         latency_feedback: when the predicted latency reaches the target, time the compact network and the
-            full-width one back to back (rank zero, figures sent to every rank); if the measured ratio is more
+            full-width one in turn (rank zero, figures sent to every rank); if the measured ratio is more
             than 2% above the target, calibrate the table on both (:meth:`LatencyTable.calibrated`) and go on
             pruning. At most this many times (0: trust the table).
         compact_round_to: keep a multiple of this many channels per layer in the compact model (e.g. 16,

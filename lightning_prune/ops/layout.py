@@ -6,6 +6,7 @@ compact network gathers its kept channels in their shuffled order instead."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,8 +26,7 @@ class Permute(OpRule):
     takes_nonzero = True  # moves values only
 
     def propagate(self, walker, node):
-        shuffle = channel_shuffle(node)
-        if shuffle is not None and shuffle.tracks(walker.value(shuffle.source)):
+        if (shuffle := channel_shuffle(node, walker.value)) is not None:
             return shuffle.propagate(walker, node)
         x = walker.value(node.args[0]) if node.args else None
         order = _order(node, x.ndim) if isinstance(x, ChannelTag) else None
@@ -35,10 +35,8 @@ class Permute(OpRule):
         return x.moved(dim=order.index(x.dim))
 
     def compact(self, builder, node):
-        shuffle = channel_shuffle(node)
-        if shuffle is not None and shuffle.tracks(builder.tag(shuffle.source)):
-            return shuffle.compact(builder, node)
-        return None
+        shuffle = channel_shuffle(node, builder.tag)
+        return shuffle.compact(builder, node) if shuffle is not None else None
 
 
 @dataclass(frozen=True)
@@ -51,10 +49,6 @@ class ChannelShuffle:
     steps: tuple[fx.Node, ...]
     dim: int
     order: torch.Tensor
-
-    def tracks(self, tag: Any) -> bool:
-        """Whether the shuffle permutes the channels of ``tag``, the source's: they lie on dimension ``dim``."""
-        return isinstance(tag, ChannelTag) and tag.dim == self.dim
 
     def propagate(self, walker, node):
         """The values between the steps carry no channels; the last step's are the source's, permuted."""
@@ -71,13 +65,16 @@ class ChannelShuffle:
         return builder.gather(builder.env[self.source], builder.kept[self.source], self.order[kept], self.dim)
 
 
-def channel_shuffle(node: fx.Node) -> ChannelShuffle | None:
-    """The channel shuffle ``node`` is a step of, or None."""
+def channel_shuffle(node: fx.Node, tag_of: Callable[[fx.Node], Any]) -> ChannelShuffle | None:
+    """The channel shuffle ``node`` is a step of, when it permutes channels: those of its source, whose tag
+    ``tag_of`` gives, lie on the dimension it splits. Else None."""
     first = node
     for _ in range(4):  # the first step is at most three inputs back
         shuffle = _shuffle_from(first)
         if shuffle is not None:
-            return shuffle if node in shuffle.steps else None
+            tag = tag_of(shuffle.source)
+            tracked = isinstance(tag, ChannelTag) and tag.dim == shuffle.dim
+            return shuffle if node in shuffle.steps and tracked else None
         if not first.args or not isinstance(first.args[0], fx.Node):
             return None
         first = first.args[0]

@@ -56,8 +56,7 @@ class Reshape(OpRule):
     takes_nonzero = True
 
     def propagate(self, walker, node):
-        shuffle = channel_shuffle(node)
-        if shuffle is not None and shuffle.tracks(walker.value(shuffle.source)):
+        if (shuffle := channel_shuffle(node, walker.value)) is not None:
             return shuffle.propagate(walker, node)
         x = walker.value(node.args[0])
         moved = _reshaped(x, tensor_shape(node.args[0]), tensor_shape(node)) if isinstance(x, ChannelTag) else None
@@ -67,8 +66,7 @@ class Reshape(OpRule):
         return x.moved(x.nodes.repeat_interleave(inner) if inner > 1 else None, dim, ndim)
 
     def compact(self, builder, node):
-        shuffle = channel_shuffle(node)
-        if shuffle is not None and shuffle.tracks(builder.tag(shuffle.source)):
+        if (shuffle := channel_shuffle(node, builder.tag)) is not None:
             return shuffle.compact(builder, node)
         x = node.args[0]
         out, x_tag = builder.tag(node), builder.tag(x)

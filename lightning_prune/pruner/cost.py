@@ -36,20 +36,17 @@ class CostModel:
             torch.backends.mha.set_fastpath_enabled(fastpath)
             for m, training in modes.items():
                 m.training = training
-        per_module = counter.get_flop_counts()
         self.total_flops = counter.get_total_flops() / batch
-        self.layer_flops: dict[str, float] = {}
-        for key, ops in per_module.items():
-            name = prefix + key.partition(".")[2]  # keys are "<RootClass>.<qualified name>"
-            if name in graph.readers:
-                self.layer_flops[name] = sum(ops.values()) / batch
+        per_module = {  # keys are "<RootClass>.<qualified name>"
+            prefix + key.partition(".")[2]: sum(ops.values()) / batch for key, ops in counter.get_flop_counts().items()
+        }
+        self.layer_flops = {name: flops for name, flops in per_module.items() if name in graph.readers}
         # the products inside a module whose own FLOPs scale with some neurons (attention and its heads)
-        self.scaled_flops: dict[str, float] = {}
-        for key, ops in per_module.items():
-            name = prefix + key.partition(".")[2]
-            if name in graph.scaled:
-                inner = sum(f for layer, f in self.layer_flops.items() if layer.startswith(name + "."))
-                self.scaled_flops[name] = sum(ops.values()) / batch - inner
+        self.scaled_flops = {
+            name: flops - sum(f for layer, f in self.layer_flops.items() if layer.startswith(name + "."))
+            for name, flops in per_module.items()
+            if name in graph.scaled
+        }
         self._fixed_flops = self.total_flops - sum(self.layer_flops.values()) - sum(self.scaled_flops.values())
         self._layer_params = {
             name: sum(p.numel() for p in graph.modules[name].parameters(recurse=False))
