@@ -57,6 +57,7 @@ class Config:
     pruning_steps: int | None = None  # a cubic schedule over this many optimizer steps
     compact_when_done: bool = False  # train the compact network after the last pruning step
     latency_ratio: float | None = None  # target_latency_ratio: the table measured on rank zero only
+    distill_weight: float = 0.0  # distillation from the network before pruning
 
 
 CONFIGS = {
@@ -77,6 +78,7 @@ CONFIGS = {
     "schedule": Config(pruning_steps=6, epochs=4),  # 3 pruning steps removing 5, 7, 8 neurons in all
     "compact": Config(pattern="no_forward", per_step=3, compact_when_done=True),  # compact from step 7 of 9
     "latency": Config(pattern="no_forward", latency_ratio=0.7, pruning_steps=6, epochs=4, num_to_prune=None),
+    "distill": Config(pattern="no_forward", per_step=3, compact_when_done=True, distill_weight=1.0),
 }
 
 
@@ -280,6 +282,7 @@ def run(name: str, out: Path, devices: int = 1, num_nodes: int = 1, strategy: st
             pruning_steps=cfg.pruning_steps,
             compact_when_done=cfg.compact_when_done,
             target_latency_ratio=cfg.latency_ratio,
+            distill_weight=cfg.distill_weight,
         )
         root = out / f"root_{tag}"
         trainer = _trainer(cfg, root, [pruner, Recorder(pruner, out / tag)], devices, num_nodes, strategy, epochs)

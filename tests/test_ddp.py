@@ -30,7 +30,8 @@ import torch
 WORKER = Path(__file__).with_name("ddp_worker.py")
 PATTERNS = ["no_forward", "module_name", "forward_only"]  # the LightningModules users write
 EXACT = ["fo", "fg", "accum", "accum_fg", "hooks", *PATTERNS, "schedule", "compact"]  # compared with a float64 single-process run
-DDP_CONFIGS = [*EXACT, "bf16", "fp16", "resume", "stop", "latency"]  # latency: rank zero's table on every rank
+# latency: rank zero's table on every rank; distill: the teacher's gradient, then compaction inside the fit
+DDP_CONFIGS = [*EXACT, "bf16", "fp16", "resume", "stop", "latency", "distill"]
 REFERENCE_OF = {"hooks": "fo", "resume": "fo", **dict.fromkeys(PATTERNS, "fo")}  # same training problem
 RTOL = 1e-5
 STALL = 120  # seconds without any output of a launch: it hangs (a healthy rank writes every batch)
