@@ -17,7 +17,6 @@ prints the Markdown table of every row, also written to ``benchmarks/results/cov
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import logging

@@ -10,14 +10,17 @@ import tempfile
 from pathlib import Path
 
 import lightning.pytorch as pl
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_prune import build_dependency_graph
 from lightning_prune.data import CIFAR10_CLASSES
 from lightning_prune.latency.table import _Unit
+from lightning_prune.pruner.cost import CostModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.coverage import NetOnly  # noqa: E402, F401  (what a user writes: no forward, the network in self.net)
@@ -191,3 +194,15 @@ def synthetic_time(module, args, kwargs, warmup, repeats):
     if isinstance(module, nn.Linear):
         return 1e-6 + 1e-9 * module.in_features * module.out_features
     return 1e-3
+
+
+def heads_of(graph, name: str) -> list[int]:
+    """The neurons of the heads of attention ``name``, in head order."""
+    return list(dict.fromkeys(graph.gates[f"{name}.qkv"].neurons.tolist()))
+
+
+def predicted_equals_counted(model, compacted, graph, masks, x) -> None:
+    """The FLOPs the cost model predicts for ``masks`` are those counted on the compact network."""
+    predicted = CostModel(model, x, graph).flops(graph.alive_from_masks(masks))
+    counted = CostModel(compacted, x, build_dependency_graph(compacted, x)).total_flops
+    assert predicted == pytest.approx(counted)

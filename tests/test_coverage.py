@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torchvision
+from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
 from torchvision.models.vision_transformer import VisionTransformer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -18,7 +19,8 @@ from benchmarks.coverage import EXACT_AT, MET_AT, NUM_CLASSES, Spec, prune_and_m
 
 SIZE, BATCH = 32, 4  # batch 2 leaves BatchNorm two values at 1x1 (regnet_x_400mf's loss turns NaN)
 TORCHVISION = ("resnet18", "mobilenet_v3_small", "efficientnet_b0", "regnet_x_400mf", "convnext_tiny",
-               "shufflenet_v2_x0_5", "squeezenet1_0", "densenet121", "vit_tiny")  # fmt: skip
+               "shufflenet_v2_x0_5", "squeezenet1_0", "densenet121", "vit_tiny", "swin_tiny",
+               "swin_v2_tiny")  # fmt: skip
 TIMM = ("resnet18d", "efficientnet_b0", "convnext_atto", "ghostnet_100", "vit_tiny_patch16_224")
 def _build(family: str, name: str):
     if family == "timm":
@@ -27,6 +29,10 @@ def _build(family: str, name: str):
     if name == "vit_tiny":  # torchvision's ViT class, a configuration small enough for CI
         return VisionTransformer(image_size=SIZE, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32,
                                  mlp_dim=128, num_classes=NUM_CLASSES)  # fmt: skip
+    if name.startswith("swin"):  # torchvision's Swin (V1, V2) classes, small enough for CI
+        v2 = {"block": SwinTransformerBlockV2, "downsample_layer": PatchMergingV2} if "v2" in name else {}
+        return SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4],
+                               num_classes=NUM_CLASSES, **v2)  # fmt: skip
     return torchvision.models.get_model(name, weights=None, num_classes=NUM_CLASSES)
 
 

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import SmallResNet, synthetic_loader, trainer
+from helpers import synthetic_loader, trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 import lightning_prune.distillation as kd

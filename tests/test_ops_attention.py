@@ -8,9 +8,8 @@ import pytest
 import torch
 from test_ops_gating import assert_compact_equals_masked, prune_neurons
 
-from helpers import NetOnly, synthetic_loader, trainer
+from helpers import NetOnly, heads_of, predicted_equals_counted, synthetic_loader, trainer
 from lightning_prune import TaylorPruningCallback, build_dependency_graph, compact
-from lightning_prune.pruner.cost import CostModel
 
 timm = pytest.importorskip("timm")
 
@@ -21,17 +20,6 @@ def tiny_vit(**options):
 
     config = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 4, "num_classes": 10}
     return VisionTransformer(**{**config, **options})
-
-
-def heads_of(graph, name: str) -> list[int]:
-    """The neurons of the heads of attention ``name``, in head order."""
-    return list(dict.fromkeys(graph.gates[f"{name}.qkv"].neurons.tolist()))
-
-
-def predicted_equals_counted(model, compacted, graph, masks, x) -> None:
-    predicted = CostModel(model, x, graph).flops(graph.alive_from_masks(masks))
-    counted = CostModel(compacted, x, build_dependency_graph(compacted, x)).total_flops
-    assert predicted == pytest.approx(counted)
 
 
 def test_a_vit_head_is_one_neuron_and_the_compact_attention_keeps_fewer_heads() -> None:

@@ -10,7 +10,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from lightning_prune.errors import UnsupportedModelError
-from lightning_prune.ops.registry import traced_as_one_op
+from lightning_prune.ops.registry import prepare_modules, traced_as_one_op
 
 
 class _Tracer(fx.Tracer):
@@ -39,6 +39,7 @@ def trace(
     ``example_input`` is a tensor, a sequence of positional tensors or a mapping of keyword arguments.
     The forward runs in eval mode under ``no_grad`` so BatchNorm statistics are untouched.
     """
+    prepare_modules(module)
     try:
         graph = _Tracer(leaf_modules).trace(module)
     except Exception as err:  # fx raises many kinds of errors on untraceable code

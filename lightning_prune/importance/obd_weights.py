@@ -21,7 +21,7 @@ from torch import nn
 
 from lightning_prune.errors import PruningConfigurationError
 from lightning_prune.importance.hessian import HessianMethod
-from lightning_prune.importance.statistics import Probe, split_batch
+from lightning_prune.importance.statistics import split_batch
 
 
 def prunable_weights(model: nn.Module) -> dict[str, nn.Parameter]:

@@ -5,9 +5,8 @@ Removing it zeroes those rows, so its values are zero and its output is exactly 
 "Are Sixteen Heads Really Better than One?"); the compact module keeps fewer heads of the same size.
 
 Each head is scored through the gate on the ``qkv`` output (one gate per channel, its query, key and value
-channels summed into the head's score), like any neuron written by several channels. Other attention
-(``nn.MultiheadAttention``, torchvision's Swin, which derives the head size from the embedding width)
-keeps the channels flowing in and out."""
+channels summed into the head's score), like any neuron written by several channels. torchvision's Swin is
+in :mod:`.torchvision_swin`. Other attention (``nn.MultiheadAttention``) keeps the channels flowing in and out."""
 
 from __future__ import annotations
 
@@ -25,7 +24,8 @@ from lightning_prune.ops.registry import OpRule, register_op_rule, tensor_shape
 class HeadLayout:
     """Where a multi-head attention module keeps its heads: the fused ``qkv`` Linear (rows: all query heads,
     then all key heads, then all value heads), the output ``proj`` Linear, and parameters holding one slice
-    per head along a dimension (``per_head``: attribute -> dimension, e.g. a relative position bias table)."""
+    per head along a dimension (``per_head``: attribute path -> dimension, e.g. a relative position bias
+    table)."""
 
     qkv: str
     proj: str
@@ -82,6 +82,10 @@ class HeadAttention(OpRule):
         out = _create(walker, proj, proj_name, walker.modules[proj_name].out_features)
         proj.out_nodes = out
         walker.result.scaled[name] = proj.in_nodes  # the attention products: as many as there are value channels
+        for path, _ in layout.per_head:  # a layer with one output per head (Swin V2's bias MLP)
+            owner = path.rpartition(".")[0]
+            if owner and isinstance(module.get_submodule(owner), nn.Linear):
+                walker.result.scaled[f"{name}.{owner}"] = proj.in_nodes
         return ChannelTag(out, len(out_shape) - 1, len(out_shape))
 
     def compact(self, builder, node):
@@ -99,10 +103,12 @@ class HeadAttention(OpRule):
         rows = torch.cat([part * width + within for part in range(3)])
         _slice_dense(qkv, builder.kept[x], rows)
         _slice_dense(proj, columns, builder.kept_positions(builder.tag(node)))
-        for attr, dim in layout.per_head:
-            value = getattr(module, attr)
+        for path, dim in layout.per_head:
+            owner, _, attr = path.rpartition(".")
+            holder = module.get_submodule(owner)
+            value = getattr(holder, attr)
             sliced = value.index_select(dim, heads.to(value.device))
-            setattr(module, attr, _param(sliced, value) if isinstance(value, nn.Parameter) else sliced)
+            setattr(holder, attr, _param(sliced, value) if isinstance(value, nn.Parameter) else sliced)
         self.set_heads(module, heads.numel())
         return builder.copy(node)
 
@@ -134,8 +140,9 @@ class TimmWindowAttention(HeadAttention):
 
 @register_op_rule(nn.MultiheadAttention, "torchvision.models.swin_transformer.shifted_window_attention")
 class KeptAttention(OpRule):
-    """Attention whose heads are not pruned (``nn.MultiheadAttention``, torchvision's Swin window attention)
-    is one op: the channels flowing in and out are kept. Its output has its channels on the last dimension."""
+    """Attention whose heads are not pruned (``nn.MultiheadAttention``, torchvision's window attention function
+    called by a module of your own) is one op: the channels flowing in and out are kept. Its output has its
+    channels on the last dimension."""
 
     def propagate(self, walker, node):
         reason = f"flow into or out of attention {walker.where(node)}"

@@ -40,6 +40,11 @@ class OpRule:
     def compact(self, builder: CompactBuilder, node: fx.Node) -> fx.Node | None:
         return None
 
+    def prepare(self, module: nn.Module) -> None:
+        """Called before tracing on each module of a class with this rule: it may change how the module
+        computes (never what it computes) so that its neurons can be seen and removed. A class it gives
+        the module names the original as ``prepared_from`` (the architecture stays the same)."""
+
 
 def register_op_rule(*targets: type[nn.Module] | Callable[..., Any] | str, override: bool = False):
     """Class decorator registering an :class:`OpRule` subclass for ``targets``: module classes (the rule
@@ -73,6 +78,19 @@ def find_op_rule(node: fx.Node, modules: Mapping[str, nn.Module]) -> OpRule | No
     if node.op == "call_method":
         return _METHODS.get(node.target)
     return None
+
+
+def prepare_modules(model: nn.Module) -> None:
+    """Let the rule of each module of ``model`` prepare it (:meth:`OpRule.prepare`)."""
+    for module in model.modules():
+        rule = next((rule for c in type(module).__mro__ if (rule := _class_rule(c))), None)
+        if rule is not None:
+            rule.prepare(module)
+
+
+def architecture_class(module: nn.Module) -> type:
+    """The class ``module`` had before it was prepared (its class ``prepared_from``), else its class."""
+    return type(module).__dict__.get("prepared_from", type(module))
 
 
 def traced_as_one_op(module: nn.Module) -> bool:

@@ -41,9 +41,10 @@ class CostModel:
             prefix + key.partition(".")[2]: sum(ops.values()) / batch for key, ops in counter.get_flop_counts().items()
         }
         self.layer_flops = {name: flops for name, flops in per_module.items() if name in graph.readers}
-        # the products inside a module whose own FLOPs scale with some neurons (attention and its heads)
+        # the products of a module whose own FLOPs (not its submodules') scale with some neurons (attention
+        # and its heads)
         self.scaled_flops = {
-            name: flops - sum(f for layer, f in self.layer_flops.items() if layer.startswith(name + "."))
+            name: flops - sum(f for inner, f in per_module.items() if inner.rpartition(".")[0] == name)
             for name, flops in per_module.items()
             if name in graph.scaled
         }
