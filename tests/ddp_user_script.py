@@ -3,10 +3,11 @@
 ``strategy="ddp"`` with a timeout (before the fix the two ranks ran a different number of collectives
 and hung). Each rank writes ``OUT/user_rank<r>.pt``: masks, pruned count, a hash of the parameters.
 
-    python tests/ddp_user_script.py OUT [--module-name net] [--shuffle] [--vit]
+    python tests/ddp_user_script.py OUT [--module-name net] [--shuffle] [--vit | --swin]
 
-``--vit``: the network is a tiny timm ViT pruned to 0.3x its FLOPs (heads must go), then compacted
-inside the fit (``compact_when_done``); each rank also records the heads of its compact attention blocks.
+``--vit`` / ``--swin``: the network is a tiny timm ViT / torchvision Swin pruned to 0.3x its FLOPs (heads
+must go), then compacted inside the fit (``compact_when_done``); each rank also records the heads of its
+compact attention blocks.
 """
 
 from __future__ import annotations
@@ -45,6 +46,13 @@ def tiny_vit() -> nn.Module:
     return VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=4, num_classes=10)
 
 
+def tiny_swin() -> nn.Module:
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    return SwinTransformer(patch_size=[2, 2], embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4],
+                           num_classes=10)  # fmt: skip
+
+
 class M(L.LightningModule):
     def __init__(self, net: nn.Module):
         super().__init__()
@@ -64,11 +72,12 @@ def main() -> None:
     parser.add_argument("--module-name", default=None)
     parser.add_argument("--shuffle", action="store_true")  # Lightning's default DistributedSampler then shuffles
     parser.add_argument("--vit", action="store_true")
+    parser.add_argument("--swin", action="store_true")
     args = parser.parse_args()
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(512, 3, 16, 16), torch.randint(0, 10, (512,)))
     dl = DataLoader(data, batch_size=32, shuffle=args.shuffle)
-    if args.vit:
+    if args.vit or args.swin:
         cb = TaylorPruningCallback(target_flops_ratio=0.3, prune_every_n_batches=2, pruning_steps=8,
                                    compact_when_done=True)  # fmt: skip
     else:
@@ -76,7 +85,7 @@ def main() -> None:
             criterion="taylor_fo_bn", prune_every_n_batches=2, neurons_per_step=3, keep_ratio=0.6,
             module_name=args.module_name,
         )  # fmt: skip
-    model = M(tiny_vit() if args.vit else Net())
+    model = M(tiny_vit() if args.vit else tiny_swin() if args.swin else Net())
     trainer = L.Trainer(
         accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, callbacks=[cb],
         default_root_dir=str(args.out), enable_progress_bar=False,
@@ -89,8 +98,8 @@ def main() -> None:
         "log_dir": trainer.log_dir,
         "hash_params": digest(dict(model.named_parameters())),  # (running stats are per rank without sync BN)
     }
-    if args.vit:
-        result["heads"] = [model.net.get_submodule(f"blocks.{i}.attn").num_heads for i in range(2)]
+    if args.vit or args.swin:
+        result["heads"] = [m.num_heads for n, m in model.net.named_modules() if n.endswith(".attn")]
         result["flops_kept"] = cb.history[-1].flops / cb.initial_flops
     torch.save(result, args.out / f"user_rank{trainer.global_rank}.pt")
 

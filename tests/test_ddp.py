@@ -267,14 +267,17 @@ def test_users_small_network_without_forward(module_name, shuffle, tmp_path):
     assert [r["step"] for r in history] == ranks[0]["history_steps"]
 
 
-def test_users_vit_loses_heads_identically_on_every_rank(tmp_path):
-    """A tiny timm ViT in ``self.net`` (no forward): under 2-process DDP both ranks remove the same heads and
-    MLP neurons, reach 0.3x the FLOPs (out of reach without removing heads) and train the same compact network after ``compact_when_done``."""
-    pytest.importorskip("timm")
+@pytest.mark.parametrize(("network", "heads"), [("vit", 8), ("swin", 12)])
+def test_users_transformer_loses_heads_identically_on_every_rank(tmp_path, network, heads):
+    """A tiny timm ViT / torchvision Swin in ``self.net`` (no forward): under 2-process DDP both ranks remove
+    the same heads and MLP neurons, reach 0.3x the FLOPs (out of reach without removing heads) and train the
+    same compact network after ``compact_when_done``."""
+    if network == "vit":
+        pytest.importorskip("timm")
     script = Path(__file__).with_name("ddp_user_script.py")
-    _launch(tmp_path, [sys.executable, str(script), str(tmp_path), "--vit"])
+    _launch(tmp_path, [sys.executable, str(script), str(tmp_path), f"--{network}"])
     ranks = [torch.load(tmp_path / f"user_rank{r}.pt", weights_only=False) for r in range(2)]
-    assert ranks[0]["heads"] == ranks[1]["heads"] and sum(ranks[0]["heads"]) < 8, ranks[0]["heads"]
+    assert ranks[0]["heads"] == ranks[1]["heads"] and sum(ranks[0]["heads"]) < heads, ranks[0]["heads"]
     assert ranks[0]["flops_kept"] <= 0.3
     for layer, mask in ranks[0]["masks"].items():
         assert torch.equal(ranks[1]["masks"][layer], mask)
