@@ -26,8 +26,10 @@ Each compacted network is measured: eager latency (median of ``--repeats`` runs 
 (``trace`` when scripting fails; the error is recorded when both do), FLOPs of one image
 (``torch.utils.flop_counter``, a multiply-add counts 2). The FLOPs arm's network is measured at both
 batch sizes, each latency arm's at its own. The full network is measured before and after the arms
-(their mean is the reference). ``speedup / flops reduction`` = (full latency / latency) / (full FLOPs /
-FLOPs).
+(their mean is the reference for the milliseconds). Latency ratios are paired: each network and the full
+one are timed in turn ``--rounds`` (5) times and the median of the rounds' ratios is reported, so that a
+change of the machine's load during the run does not enter them. ``speedup / flops reduction`` = (full
+latency / latency) / (full FLOPs / FLOPs).
 
 ``--check`` instead compares the table's prediction with the measured latency of compacted networks
 at random widths (every gated layer keeps a uniform random fraction in [0.25, 1] of its channels).
@@ -166,6 +168,24 @@ def measure(model: nn.Module, net: Net, batch: int) -> dict[str, Any]:
     if error is not None:
         result["jit_error"] = error
     return result
+
+
+def paired_ratios(model: nn.Module, base: nn.Module, net: Net, batch: int) -> dict[str, float | None]:
+    """Latency of ``model`` over that of the full network ``base``, eager and ``optimize_for_inference``: both
+    timed in turn ``--rounds`` times, the median of the rounds' ratios (a change of the machine's load
+    between the rounds affects both alike)."""
+    x = torch.randn(batch, 3, net.size, net.size)
+    repeats = net.repeats(batch)
+    ratios: dict[str, float | None] = {}
+    for mode in ("eager", "jit"):
+        pair = [model.eval(), base.eval()] if mode == "eager" else [jit_optimized(m, x)[0] for m in (model, base)]
+        if any(m is None for m in pair):
+            ratios[mode] = None
+            continue
+        rounds = [median_seconds(pair[0], x, repeats) / median_seconds(pair[1], x, repeats)
+                  for _ in range(net.args.rounds)]  # fmt: skip
+        ratios[mode] = statistics.median(rounds)
+    return ratios
 
 
 # ----------------------------------------------------------------------------- pruning
@@ -318,12 +338,15 @@ def bench(net: Net, batches: list[int], targets: list[float]) -> list[dict]:
         accuracy = net.top1(model)
         for batch in [table_batch] if table_batch is not None else batches:
             latency = measure(model, net, batch)
+            paired = paired_ratios(model, base, net, batch)
             rows.append({"kind": "bench", "net": net.name, "arm": arm, "target": target, "batch": batch,
                          "flops_ratio": round(model_flops / base_flops, 4), **info,
                          "eager_ms": round(1e3 * latency["eager"], 3),
                          "jit_ms": None if latency["jit"] is None else round(1e3 * latency["jit"], 3),
                          **({"jit_error": latency["jit_error"]} if "jit_error" in latency else {}),
                          "top1": accuracy, "prune_seconds": round(seconds, 1),
+                         **{f"{mode}_latency_ratio_paired": None if r is None else round(r, 4)
+                            for mode, r in paired.items()},
                          **({"calibrated": net.args.calibrate} if arm == "latency" else {})})  # fmt: skip
     again = {b: measure(base, net, b) for b in batches}
     for b in batches:
@@ -340,7 +363,7 @@ def bench(net: Net, batches: list[int], targets: list[float]) -> list[dict]:
         full = next(r for r in rows if r["arm"] == "full" and r["batch"] == row["batch"])
         for mode in ("eager", "jit"):
             if row[f"{mode}_ms"] and full[f"{mode}_ms"]:
-                ratio = row[f"{mode}_ms"] / full[f"{mode}_ms"]
+                ratio = row.get(f"{mode}_latency_ratio_paired") or row[f"{mode}_ms"] / full[f"{mode}_ms"]
                 row[f"{mode}_latency_ratio"] = round(ratio, 4)
                 row[f"{mode}_speedup_over_flops_reduction"] = round(row["flops_ratio"] / ratio, 3)
     return rows
@@ -374,7 +397,7 @@ def save(path: Path, rows: list[dict], args: argparse.Namespace) -> None:
     load = os.getloadavg()
     meta = {"torch": torch.__version__, "machine": platform.machine(), "threads": torch.get_num_threads(),
             "cpus": os.cpu_count(), "load_average_at_end": [round(v, 2) for v in load],
-            "steps": args.steps, "repeats": args.repeats, "calibrate": args.calibrate,
+            "steps": args.steps, "repeats": args.repeats, "rounds": args.rounds, "calibrate": args.calibrate,
             "importance_batches": args.importance_batches, "r50_repeats_large": args.r50_repeats_large,
             "note": "latencies are medians in ms; ratios against the full network at the same batch and mode; "
                     "FLOPs of one image from torch.utils.flop_counter; top-1 on 2,000 CIFAR-10 test JPEGs "
@@ -400,6 +423,7 @@ def main() -> None:
     parser.add_argument("--width-step", type=int, default=None, help="table step (default 8; ResNet-50: 32)")
     parser.add_argument("--feedback", type=int, default=3,
                         help="latency arm: measured-latency feedback rounds, as the callback's latency_feedback")
+    parser.add_argument("--rounds", type=int, default=5, help="paired rounds of each network and the full one")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache-dir", type=Path, default=None)
     parser.add_argument("--check", action="store_true", help="predicted against measured latency only")
