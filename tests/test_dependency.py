@@ -124,6 +124,52 @@ def test_untraceable_model_is_a_clear_error():
         build_dependency_graph(_Untraceable(), torch.randn(1, 4))
 
 
+class _Clipped(nn.Module):
+    """Data-dependent control flow in a submodule: torch.fx cannot trace it."""
+
+    def forward(self, x):
+        return x.clamp(max=1.0) if x.amax() > 1.0 else x
+
+
+class _WithUntraceableBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.clip = _Clipped()
+        self.conv2, self.bn2 = nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.conv3, self.bn3 = nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.clip(torch.relu(self.bn1(self.conv1(x))))
+        x = torch.relu(self.bn3(self.conv3(torch.relu(self.bn2(self.conv2(x))))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_an_untraceable_submodule_is_traced_as_one_op_with_a_warning_and_the_rest_is_pruned(tmp_path):
+    from helpers import NetOnly, synthetic_loader, trainer
+    from test_ops_gating import assert_compact_equals_masked
+
+    from lightning_prune import TaylorPruningCallback
+    from lightning_prune.compaction.inference import optimize_for_inference
+
+    torch.manual_seed(0)
+    net = _WithUntraceableBlock()
+    with pytest.warns(UserWarning, match=r"could not trace 1 submodule\(s\): clip \(_Clipped\).*control flow"):
+        graph = build_dependency_graph(net, torch.randn(2, 3, 8, 8))
+    assert set(graph.gates) == {"bn2", "bn3"}
+    assert any("unsupported op _Clipped (clip)" in reason for reason in graph.causes)
+    callback = TaylorPruningCallback(target_flops_ratio=0.7, prune_every_n_batches=1, pruning_steps=2)
+    with pytest.warns(UserWarning, match="could not trace"):  # a user module without forward
+        trainer(max_steps=3, callbacks=[callback], default_root_dir=tmp_path).fit(NetOnly(net), synthetic_loader(size=8))
+    assert callback.num_pruned > 0
+    x = torch.randn(4, 3, 8, 8) * 3
+    assert_compact_equals_masked(net.eval(), callback.compact().eval(), x, dtypes=(torch.float32,))
+    with pytest.warns(UserWarning, match="could not trace"):
+        folded = optimize_for_inference(net)
+    torch.testing.assert_close(folded(x), net(x), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("factory", [torchvision.models.mobilenet_v2, torchvision.models.densenet121])
 def test_depthwise_and_concatenation(factory):
     graph = build_dependency_graph(factory(), torch.randn(1, 3, 64, 64))

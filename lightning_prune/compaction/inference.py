@@ -16,7 +16,7 @@ import torch
 from torch import fx, nn
 from torch.fx.experimental.optimization import fuse
 
-from lightning_prune.dependency.trace import _Tracer
+from lightning_prune.dependency.trace import trace_graph
 from lightning_prune.errors import UnsupportedModelError
 
 
@@ -44,7 +44,7 @@ def optimize_for_inference(
     if fold_batchnorm:
         if not isinstance(model, fx.GraphModule):
             try:
-                model = fx.GraphModule(model, _Tracer(leaf_modules).trace(model))
+                model = fx.GraphModule(model, trace_graph(model, leaf_modules))
             except Exception as err:  # fx raises many types for untraceable code
                 raise UnsupportedModelError(
                     f"cannot fold BatchNorm: torch.fx could not trace {type(model).__name__} ({err}); "
