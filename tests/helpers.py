@@ -196,9 +196,9 @@ def synthetic_time(module, args, kwargs, warmup, repeats):
     return 1e-3
 
 
-def heads_of(graph, name: str) -> list[int]:
-    """The neurons of the heads of attention ``name``, in head order."""
-    return list(dict.fromkeys(graph.gates[f"{name}.qkv"].neurons.tolist()))
+def heads_of(graph, name: str, qkv: str = "qkv") -> list[int]:
+    """The neurons of the heads of attention ``name`` (its query/key/value layer ``qkv``), in head order."""
+    return list(dict.fromkeys(graph.gates[f"{name}.{qkv}"].neurons.tolist()))
 
 
 def predicted_equals_counted(model, compacted, graph, masks, x) -> None:

@@ -174,10 +174,11 @@ TRANSFORMERS = {
         patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4], num_classes=10
     ),
 }
-CAUSES = {  # a LayerNorm and an attention whose channels are kept (Swin's heads are neurons: test_ops_attention)
-    "vit": ("LayerNorm encoder.layers.encoder_layer_0.ln_1", "attention encoder.layers.encoder_layer_1.self_attention"),
+CAUSES = {  # a LayerNorm whose channels are kept (heads are neurons: test_ops_multihead_attention, _torchvision_swin)
+    "vit": ("LayerNorm encoder.layers.encoder_layer_0.ln_1",),
     "swin": ("LayerNorm features.1.0.norm1",),
 }
+HEADS = {"vit": ("self_attention", "in_proj"), "swin": ("attn", "qkv")}  # attention modules, their q/k/v layer
 
 
 @pytest.mark.parametrize("name", TRANSFORMERS)
@@ -187,7 +188,8 @@ def test_transformer_mlp_neurons_are_prunable_and_compact_exactly(name: str) -> 
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     graph = build_dependency_graph(model, x[:1])
     mlp = _mlp_layers(model)
-    heads = {f"{n}.qkv" for n, _ in model.named_modules() if name == "swin" and n.endswith(".attn")}
+    attention, qkv = HEADS[name]
+    heads = {f"{n}.{qkv}" for n, _ in model.named_modules() if n.endswith(f".{attention}")}
     assert set(graph.gates) == mlp | heads and len(mlp) == {"vit": 2, "swin": 4}[name]
     assert graph.num_prunable == sum(len(graph.gates[layer].neurons.unique()) for layer in graph.gates)
     described = graph.describe(causes=100)

@@ -46,7 +46,7 @@ from lightning_prune.dependency.channels import ZERO, ChannelTag
 from lightning_prune.dependency.trace import as_call_args
 from lightning_prune.errors import PruningConfigurationError
 from lightning_prune.ops import find_op_rule
-from lightning_prune.ops.registry import architecture_class
+from lightning_prune.ops.registry import architecture_modules
 
 COMPACT_META = "_lightning_prune_compact"
 
@@ -79,7 +79,7 @@ def architecture_fingerprint(model: nn.Module) -> str:
     """Hash of the architecture: the qualified name and class name of every module, and the names and
     shapes of the parameters and buffers. Not the import path: a class defined in a script
     (``__main__.Net``) matches the same class imported from a module (``mymodels.Net``)."""
-    lines = [f"{name}:{architecture_class(m).__name__}" for name, m in model.named_modules()]
+    lines = [f"{name}:{cls.__name__}" for name, cls in architecture_modules(model)]
     lines += [f"{k}:{tuple(v.shape)}" for k, v in sorted(model.state_dict().items()) if isinstance(v, torch.Tensor)]
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
 

@@ -6,7 +6,8 @@ Removing it zeroes those rows, so its values are zero and its output is exactly 
 
 Each head is scored through the gate on the ``qkv`` output (one gate per channel, its query, key and value
 channels summed into the head's score), like any neuron written by several channels. torchvision's Swin is
-in :mod:`.torchvision_swin`. Other attention (``nn.MultiheadAttention``) keeps the channels flowing in and out."""
+in :mod:`.torchvision_swin`, ``nn.MultiheadAttention`` in :mod:`.multihead_attention`. torchvision's window
+attention function called by a module of your own keeps the channels flowing in and out."""
 
 from __future__ import annotations
 
@@ -68,6 +69,20 @@ class HeadAttention(OpRule):
             return walker.kept_around(node, f"flow into or out of attention {name} ({why})")
         if len(walker.tags_in(node)) > 1:
             return walker.kept_around(node, f"flow into or out of attention {name} (channels in several inputs)")
+        return ChannelTag(self.tie_heads(walker, name, module, layout, x), len(out_shape) - 1, len(out_shape))
+
+    def compact(self, builder, node):
+        name = str(node.target)
+        module = builder.modules[name]
+        layout = self.checked_layout(module)
+        if builder.calls[name] != 1 or isinstance(layout, str):
+            return None
+        self.slice_heads(builder, name, module, layout, node.args[0], builder.tag(node))
+        return builder.copy(node)
+
+    def tie_heads(self, walker, name: str, module: nn.Module, layout: HeadLayout, x: ChannelTag) -> torch.Tensor:
+        """Record attention ``name`` reading the channels of ``x``: ``qkv`` creates the query, key and value
+        channels, one neuron per head, ``proj`` reads the values and creates the channels it returns."""
         heads, width = layout.num_heads, layout.num_heads * layout.head_dim
         qkv_name, proj_name = f"{name}.{layout.qkv}", f"{name}.{layout.proj}"
         qkv = walker.use(qkv_name)
@@ -86,15 +101,11 @@ class HeadAttention(OpRule):
             owner = path.rpartition(".")[0]
             if owner and isinstance(module.get_submodule(owner), nn.Linear):
                 walker.result.scaled[f"{name}.{owner}"] = proj.in_nodes
-        return ChannelTag(out, len(out_shape) - 1, len(out_shape))
+        return out
 
-    def compact(self, builder, node):
-        name = str(node.target)
-        module = builder.modules[name]
-        layout = self.checked_layout(module)
-        if builder.calls[name] != 1 or isinstance(layout, str):
-            return None
-        x = node.args[0]
+    def slice_heads(self, builder, name: str, module: nn.Module, layout: HeadLayout, x, out: ChannelTag) -> None:
+        """Keep the kept heads of attention ``name`` (called on ``x``, returning ``out``): their rows of
+        ``qkv``, columns of ``proj`` and slices of the per-head parameters, then :meth:`set_heads`."""
         qkv, proj = module.get_submodule(layout.qkv), module.get_submodule(layout.proj)
         width, size = layout.num_heads * layout.head_dim, layout.head_dim
         columns = builder.kept_inputs(f"{name}.{layout.proj}")  # the kept heads' value channels
@@ -102,7 +113,7 @@ class HeadAttention(OpRule):
         within = (heads.unsqueeze(1) * size + torch.arange(size)).flatten()
         rows = torch.cat([part * width + within for part in range(3)])
         _slice_dense(qkv, builder.kept[x], rows)
-        _slice_dense(proj, columns, builder.kept_positions(builder.tag(node)))
+        _slice_dense(proj, columns, builder.kept_positions(out))
         for path, dim in layout.per_head:
             owner, _, attr = path.rpartition(".")
             holder = module.get_submodule(owner)
@@ -110,7 +121,6 @@ class HeadAttention(OpRule):
             sliced = value.index_select(dim, heads.to(value.device))
             setattr(holder, attr, _param(sliced, value) if isinstance(value, nn.Parameter) else sliced)
         self.set_heads(module, heads.numel())
-        return builder.copy(node)
 
 
 @register_op_rule("timm.layers.attention.Attention")
@@ -138,17 +148,10 @@ class TimmWindowAttention(HeadAttention):
                           per_head=(("relative_position_bias_table", 1),))  # fmt: skip
 
 
-@register_op_rule(nn.MultiheadAttention, "torchvision.models.swin_transformer.shifted_window_attention")
+@register_op_rule("torchvision.models.swin_transformer.shifted_window_attention")
 class KeptAttention(OpRule):
-    """Attention whose heads are not pruned (``nn.MultiheadAttention``, torchvision's window attention function
-    called by a module of your own) is one op: the channels flowing in and out are kept. Its output has its
-    channels on the last dimension."""
+    """Attention whose heads are not pruned (torchvision's window attention function called by a module of your
+    own) is one op: the channels flowing in and out are kept. Its output has its channels on the last dimension."""
 
     def propagate(self, walker, node):
-        reason = f"flow into or out of attention {walker.where(node)}"
-        out = walker.kept_around(node, reason)
-        meta = node.meta.get("tensor_meta")
-        if tensor_shape(node) is not None or not isinstance(meta, tuple):
-            return out
-        shape = tuple(meta[0].shape)  # nn.MultiheadAttention: (output, attention weights or None)
-        return ChannelTag(walker.nodes.fresh(shape[-1], reason), len(shape) - 1, len(shape)), None
+        return walker.kept_around(node, f"flow into or out of attention {walker.where(node)}")

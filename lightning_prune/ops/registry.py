@@ -43,7 +43,8 @@ class OpRule:
     def prepare(self, module: nn.Module) -> None:
         """Called before tracing on each module of a class with this rule: it may change how the module
         computes (never what it computes) so that its neurons can be seen and removed. A class it gives
-        the module names the original as ``prepared_from`` (the architecture stays the same)."""
+        the module names the original as ``prepared_from`` and any submodule it adds in ``added_modules``
+        (see :func:`architecture_modules`)."""
 
 
 def register_op_rule(*targets: type[nn.Module] | Callable[..., Any] | str, override: bool = False):
@@ -88,9 +89,14 @@ def prepare_modules(model: nn.Module) -> None:
             rule.prepare(module)
 
 
-def architecture_class(module: nn.Module) -> type:
-    """The class ``module`` had before it was prepared (its class ``prepared_from``), else its class."""
-    return type(module).__dict__.get("prepared_from", type(module))
+def architecture_modules(model: nn.Module) -> list[tuple[str, type]]:
+    """(qualified name, class) of every module of ``model`` as it was before :func:`prepare_modules`: a
+    prepared class names its original as ``prepared_from`` and the submodules it added as ``added_modules``."""
+    added = {f"{name}.{child}".lstrip(".") for name, m in model.named_modules()
+             for child in type(m).__dict__.get("added_modules", ())}  # fmt: skip
+    return [
+        (name, type(m).__dict__.get("prepared_from", type(m))) for name, m in model.named_modules() if name not in added
+    ]
 
 
 def traced_as_one_op(module: nn.Module) -> bool:
