@@ -3,11 +3,11 @@
 ``strategy="ddp"`` with a timeout (before the fix the two ranks ran a different number of collectives
 and hung). Each rank writes ``OUT/user_rank<r>.pt``: masks, pruned count, a hash of the parameters.
 
-    python tests/ddp_user_script.py OUT [--module-name net] [--shuffle] [--vit | --swin]
+    python tests/ddp_user_script.py OUT [--module-name net] [--shuffle] [--vit | --swin | --encoder]
 
-``--vit`` / ``--swin``: the network is a tiny timm ViT / torchvision Swin pruned to 0.3x its FLOPs (heads
-must go), then compacted inside the fit (``compact_when_done``); each rank also records the heads of its
-compact attention blocks.
+``--vit`` / ``--swin`` / ``--encoder``: the network is a tiny timm ViT / torchvision Swin / ``nn.TransformerEncoder``
+over 16 tokens pruned to 0.3x its FLOPs (heads must go), then compacted inside the fit
+(``compact_when_done``); each rank also records the heads of its compact attention blocks.
 """
 
 from __future__ import annotations
@@ -53,6 +53,17 @@ def tiny_swin() -> nn.Module:
                            num_classes=10)  # fmt: skip
 
 
+class TokenMean(nn.Module):
+    def forward(self, x):
+        return x.mean(dim=1)
+
+
+def tiny_encoder() -> nn.Module:
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    return nn.Sequential(nn.Linear(12, 32), encoder, TokenMean(), nn.Linear(32, 10))
+
+
 class M(L.LightningModule):
     def __init__(self, net: nn.Module):
         super().__init__()
@@ -73,11 +84,14 @@ def main() -> None:
     parser.add_argument("--shuffle", action="store_true")  # Lightning's default DistributedSampler then shuffles
     parser.add_argument("--vit", action="store_true")
     parser.add_argument("--swin", action="store_true")
+    parser.add_argument("--encoder", action="store_true")
     args = parser.parse_args()
     torch.manual_seed(0)
-    data = TensorDataset(torch.randn(512, 3, 16, 16), torch.randint(0, 10, (512,)))
+    inputs = torch.randn(512, 16, 12) if args.encoder else torch.randn(512, 3, 16, 16)
+    data = TensorDataset(inputs, torch.randint(0, 10, (512,)))
     dl = DataLoader(data, batch_size=32, shuffle=args.shuffle)
-    if args.vit or args.swin:
+    transformer = args.vit or args.swin or args.encoder
+    if transformer:
         cb = TaylorPruningCallback(target_flops_ratio=0.3, prune_every_n_batches=2, pruning_steps=8,
                                    compact_when_done=True)  # fmt: skip
     else:
@@ -85,7 +99,7 @@ def main() -> None:
             criterion="taylor_fo_bn", prune_every_n_batches=2, neurons_per_step=3, keep_ratio=0.6,
             module_name=args.module_name,
         )  # fmt: skip
-    model = M(tiny_vit() if args.vit else tiny_swin() if args.swin else Net())
+    model = M(tiny_vit() if args.vit else tiny_swin() if args.swin else tiny_encoder() if args.encoder else Net())
     trainer = L.Trainer(
         accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, callbacks=[cb],
         default_root_dir=str(args.out), enable_progress_bar=False,
@@ -98,8 +112,8 @@ def main() -> None:
         "log_dir": trainer.log_dir,
         "hash_params": digest(dict(model.named_parameters())),  # (running stats are per rank without sync BN)
     }
-    if args.vit or args.swin:
-        result["heads"] = [m.num_heads for n, m in model.net.named_modules() if n.endswith(".attn")]
+    if transformer:
+        result["heads"] = [m.num_heads for n, m in model.net.named_modules() if n.endswith(("attn", "self_attn"))]
         result["flops_kept"] = cb.history[-1].flops / cb.initial_flops
     torch.save(result, args.out / f"user_rank{trainer.global_rank}.pt")
 

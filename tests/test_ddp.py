@@ -267,10 +267,10 @@ def test_users_small_network_without_forward(module_name, shuffle, tmp_path):
     assert [r["step"] for r in history] == ranks[0]["history_steps"]
 
 
-@pytest.mark.parametrize(("network", "heads"), [("vit", 8), ("swin", 12)])
+@pytest.mark.parametrize(("network", "heads"), [("vit", 8), ("swin", 12), ("encoder", 8)])
 def test_users_transformer_loses_heads_identically_on_every_rank(tmp_path, network, heads):
-    """A tiny timm ViT / torchvision Swin in ``self.net`` (no forward): under 2-process DDP both ranks remove
-    the same heads and MLP neurons, reach 0.3x the FLOPs (out of reach without removing heads) and train the
+    """A tiny timm ViT / torchvision Swin / ``nn.TransformerEncoder`` in ``self.net`` (no forward): under
+    2-process DDP both ranks remove the same heads and MLP neurons, reach 0.3x the FLOPs (out of reach without removing heads) and train the
     same compact network after ``compact_when_done``."""
     if network == "vit":
         pytest.importorskip("timm")

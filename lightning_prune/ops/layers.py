@@ -80,9 +80,12 @@ class Linear(OpRule):
     def propagate(self, walker, node):
         name, x = str(node.target), _input(walker, node)
         use = walker.use(name)
-        if not isinstance(x, ChannelTag) or x.dim != x.ndim - 1:
-            return walker.opaque(node, f"Linear {name} on an untracked or non-feature dimension")
-        use.in_nodes = x.nodes
+        if not isinstance(x, ChannelTag):
+            return walker.opaque(node, f"Linear {name} on an untracked input")
+        if x.dim != x.ndim - 1:  # e.g. (batch, tokens, features) taken for channels on dimension 1: kept
+            walker.nodes.block(x.nodes, f"flow into Linear {name}, which mixes another dimension")
+        else:
+            use.in_nodes = x.nodes
         out = _create(walker, use, name, walker.modules[name].out_features)
         use.out_nodes = out
         return ChannelTag(out, x.ndim - 1, x.ndim)
@@ -95,9 +98,8 @@ class Linear(OpRule):
         if out_kept.numel() == 0:
             return _removed(builder, node, linear, channelwise=False)
         x_tag = builder.tag(x)
-        if x_tag.dim != x_tag.ndim - 1:
-            return None
-        _slice_dense(linear, builder.kept[x], out_kept)
+        inputs = builder.kept[x] if x_tag.dim == x_tag.ndim - 1 else torch.arange(linear.in_features)
+        _slice_dense(linear, inputs, out_kept)
         return builder.copy(node, (builder.env[x],), {})
 
 

@@ -159,7 +159,9 @@ class Reduce(OpRule):
         dims = [d % x.ndim for d in ((dims,) if isinstance(dims, int) else dims)]
         if x.dim in dims or 0 in dims:
             return walker.opaque(node, f"reduction {node.target} over the channel or batch dimension")
-        return ChannelTag(x.nodes, x.dim, x.ndim if keepdim else x.ndim - len(dims))
+        if keepdim:
+            return ChannelTag(x.nodes, x.dim, x.ndim)
+        return ChannelTag(x.nodes, x.dim - sum(d < x.dim for d in dims), x.ndim - len(dims))  # (B, N, C) -> (B, C)
 
 
 @register_op_rule(torch.cat, torch.concat)
