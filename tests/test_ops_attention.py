@@ -8,8 +8,8 @@ import pytest
 import torch
 from test_ops_gating import assert_compact_equals_masked, prune_neurons
 
-from helpers import NetOnly, heads_of, predicted_equals_counted, synthetic_loader, trainer
-from lightning_prune import TaylorPruningCallback, build_dependency_graph, compact
+from helpers import fit_to_half_flops, heads_of, predicted_equals_counted
+from lightning_prune import build_dependency_graph, compact
 
 timm = pytest.importorskip("timm")
 
@@ -96,12 +96,7 @@ def test_a_user_rule_for_an_own_attention_module_prunes_its_heads_or_names_a_wro
 
 def test_callback_removes_vit_heads_in_a_module_without_forward(tmp_path) -> None:
     torch.manual_seed(0)
-    module = NetOnly(tiny_vit())
-    callback = TaylorPruningCallback(target_flops_ratio=0.5, prune_every_n_batches=1, pruning_steps=3,
-                                     compact_on_fit_end=True)  # fmt: skip
-    trainer(max_steps=4, callbacks=[callback], default_root_dir=tmp_path).fit(
-        module, synthetic_loader(n=64, batch_size=16, size=32))
-    compacted = callback.compact_model.eval()
+    module, compacted = fit_to_half_flops(tiny_vit(), tmp_path)
     heads = [compacted.get_submodule(f"blocks.{i}.attn").num_heads for i in range(2)]
     assert sum(heads) < 8, f"no head removed: {heads}"
     x = torch.randn(4, 3, 32, 32)

@@ -12,8 +12,8 @@ from test_ops_gating import assert_compact_equals_masked, prune_neurons
 from torch import nn
 from torchvision.models.vision_transformer import VisionTransformer
 
-from helpers import NetOnly, heads_of, predicted_equals_counted, synthetic_loader, trainer
-from lightning_prune import TaylorPruningCallback, build_dependency_graph, compact
+from helpers import fit_to_half_flops, heads_of, predicted_equals_counted
+from lightning_prune import build_dependency_graph, compact
 from lightning_prune.ops.multihead_attention import HeadsMultiheadAttention
 from lightning_prune.ops.registry import prepare_modules
 
@@ -159,12 +159,7 @@ def test_a_vit_head_is_one_neuron_and_the_compact_attention_keeps_fewer_heads() 
 
 def test_callback_removes_heads_of_a_users_attention_in_a_module_without_forward(tmp_path) -> None:
     torch.manual_seed(0)
-    module = NetOnly(Tokens())
-    callback = TaylorPruningCallback(target_flops_ratio=0.5, prune_every_n_batches=1, pruning_steps=3,
-                                     compact_on_fit_end=True)  # fmt: skip
-    trainer(max_steps=4, callbacks=[callback], default_root_dir=tmp_path).fit(
-        module, synthetic_loader(n=64, batch_size=16, size=32))
-    compacted = callback.compact_model.eval()
+    module, compacted = fit_to_half_flops(Tokens(), tmp_path)
     heads = [compacted.get_submodule(f"attentions.{i}").num_heads for i in range(2)]
     assert sum(heads) < 8, f"no head removed: {heads}"
     x = torch.randn(4, 3, 32, 32)
