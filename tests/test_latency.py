@@ -197,6 +197,16 @@ def test_calibration_through_two_measured_points(tmp_path, counted):
     assert pickle.loads(pickle.dumps(calibrated)).predict(half) == calibrated.predict(half)
 
 
+def test_measure_pairs_each_round_with_the_first_model(tmp_path, counted, monkeypatch):
+    """A load spike during some rounds: the ratio to the full network comes from rounds timed together."""
+    model, x = SmallCNN(), torch.randn(2, 3, 16, 16)
+    table = LatencyTable.build(model, x, build_dependency_graph(model, x), cache_dir=tmp_path, progress=False)
+    timings = iter([1.0, 0.5, 1.0, 1.5, 3.0, 1.5])  # (full, small) per round: a spike, then a longer one
+    monkeypatch.setattr(table_module, "_time_network", lambda *args: next(timings))
+    full, small = table.measure([model, model], x, rounds=3)
+    assert full == 1.0 and small == pytest.approx(0.5)  # the medians alone would say 1.0 and 1.5
+
+
 def test_depthwise_convolution(tmp_path, counted):
     model = nn.Sequential(
         nn.Conv2d(3, 16, 1), nn.BatchNorm2d(16), nn.ReLU(),

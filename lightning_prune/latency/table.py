@@ -83,8 +83,9 @@ class LatencyTable:
                 repeats: int = 10) -> list[float]:  # fmt: skip
         """Measured seconds of each of ``models`` (copies, in eval mode) at this table's batch size, dtype and
         memory format, on the device of their parameters: what :meth:`predict` predicts. Timed in turn, one
-        after the other, ``rounds`` times (the median of each model's rounds), so that a change of the machine's
-        load affects all of them alike."""
+        after the other, ``rounds`` times, so that a change of the machine's load affects all of them alike:
+        the first model's figure is the median of its rounds, each other's the first's times the median of
+        its per-round ratios to the first."""
         args, kwargs = as_call_args(example_input)
         dtype = getattr(torch, self.env["dtype"].removeprefix("torch."))
         memory_format = getattr(torch, self.env["memory_format"].removeprefix("torch."))
@@ -94,7 +95,8 @@ class LatencyTable:
                 device = next(model.parameters()).device
                 record.append(_time_network(model, args, kwargs, self.env["batch"], dtype, device, memory_format,
                                             warmup, repeats))  # fmt: skip
-        return [statistics.median(record) for record in times]
+        first = statistics.median(times[0])
+        return [first] + [first * statistics.median(t / f for t, f in zip(record, times[0])) for record in times[1:]]
 
     def calibrated(self, alive: torch.Tensor, measured: float, full_measured: float) -> LatencyTable:
         """A copy of the table whose prediction is the linear map ``a * predict + b`` through two measured
