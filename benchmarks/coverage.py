@@ -143,7 +143,7 @@ def prune_and_measure(
     so what was measured before an error stays; raises what the callback or the compact model raises."""
     result = {} if into is None else into
     torch.manual_seed(seed)
-    x = torch.randn(2, 3, size, size)
+    x = torch.randn(batch, 3, size, size)  # the callback's batch: Swin V2's bias MLP runs once a forward
     result["params"] = sum(p.numel() for p in model.parameters())
     initial_flops = count_flops(model, x)
     gen = torch.Generator().manual_seed(seed)

@@ -208,15 +208,15 @@ def predicted_equals_counted(model, compacted, graph, masks, x) -> None:
     assert predicted == pytest.approx(counted)
 
 
-def fit_to_half_flops(net: nn.Module, tmp_path, size: int = 32):
-    """``net`` in a module without ``forward``, pruned by the callback to 0.5x its FLOPs over the first 3
-    steps of a 4-step fit on synthetic images, compacted when the fit ends: (the module, the compact network
-    in eval mode)."""
+def fit_to_half_flops(net: nn.Module, tmp_path, size: int = 32, **options):
+    """``net`` in a module without ``forward``, pruned by the callback (more ``options``) to 0.5x its FLOPs
+    over the first 3 steps of a 4-step fit on synthetic images, compacted when the fit ends: (the module, the
+    compact network in eval mode)."""
     from lightning_prune import TaylorPruningCallback
 
     module = NetOnly(net)
     callback = TaylorPruningCallback(target_flops_ratio=0.5, prune_every_n_batches=1, pruning_steps=3,
-                                     compact_on_fit_end=True)  # fmt: skip
+                                     compact_on_fit_end=True, **options)  # fmt: skip
     trainer(max_steps=4, callbacks=[callback], default_root_dir=tmp_path).fit(
         module, synthetic_loader(n=64, batch_size=16, size=size))
     return module, callback.compact_model.eval()

@@ -56,13 +56,17 @@ def test_encoder_heads_and_feed_forward_neurons_are_pruned_exactly(norm_first: b
     x = torch.randn(3, 7, 6, dtype=torch.float64)
     graph = build_dependency_graph(model, x)
     layers = [f"encoder.layers.{i}" for i in range(2)]
-    assert set(graph.gates) == {f"{n}.{g}" for n in layers for g in ("self_attn.in_proj", "linear1")}
+    stream = ("embed", *(f"{n}.{g}" for n in layers for g in ("self_attn.out_proj", "linear2")))  # through LayerNorms
+    assert set(graph.gates) == {f"{n}.{g}" for n in layers for g in ("self_attn.in_proj", "linear1")} | set(stream)
+    assert all(torch.equal(graph.gates[name].neurons, graph.gates["embed"].neurons) for name in stream)
     assert len(heads_of(graph, "encoder.layers.0.self_attn", "in_proj")) == 4
     removed = heads_of(graph, "encoder.layers.1.self_attn", "in_proj")[1:3]
     removed += graph.gates["encoder.layers.0.linear1"].neurons[::2].tolist()
+    removed += graph.gates["embed"].neurons[[0, 9, 31]].tolist()
     compacted = compact(model, prune_neurons(model, graph, removed))
     assert compacted.get_submodule("encoder.layers.1.self_attn").num_heads == 2
     assert compacted.get_submodule("encoder.layers.0.linear1").out_features == 32
+    assert compacted.get_submodule("embed").out_features == compacted.get_submodule("classify").in_features == 29
     assert_compact_equals_masked(model, compacted, x, dtypes=(torch.float64,))
 
 

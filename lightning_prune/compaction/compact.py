@@ -46,6 +46,7 @@ from lightning_prune.dependency.channels import ZERO, ChannelTag
 from lightning_prune.dependency.trace import as_call_args
 from lightning_prune.errors import PruningConfigurationError
 from lightning_prune.ops import find_op_rule
+from lightning_prune.ops.elementwise import _slice_attribute
 from lightning_prune.ops.registry import architecture_modules
 
 COMPACT_META = "_lightning_prune_compact"
@@ -506,6 +507,11 @@ class CompactBuilder:
         return torch.nonzero(keep).flatten()
 
     def visit(self, node: fx.Node) -> fx.Node:
+        if node.op == "get_attr" and (tag := self.tag(node)) is not None:  # a parameter writing channels
+            kept = self.kept_positions(tag)
+            if _slice_attribute(self, node, tag.dim, kept):
+                return self.copy(node)
+            return self.gather(self.copy(node), torch.arange(tag.size), kept, tag.dim)
         if node.op in ("placeholder", "get_attr"):
             return self.copy(node)
         if node.op == "output":

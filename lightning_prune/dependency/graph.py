@@ -15,6 +15,7 @@ from lightning_prune.dependency.channels import ZERO, ChannelNodes
 from lightning_prune.dependency.propagation import LayerUse, propagate
 from lightning_prune.dependency.trace import trace
 from lightning_prune.errors import PruningConfigurationError, UnsupportedModelError
+from lightning_prune.ops.layers import KeptLayerNorm
 
 GatePlacement = Literal["after_bn", "before_bn"]
 GATE_PLACEMENTS = ("after_bn", "before_bn")
@@ -49,8 +50,8 @@ class Gate:
 class DependencyGraph:
     """What pruning a neuron touches.
 
-    ``writers`` maps every layer whose parameters produce channels (Conv/Linear filters, BatchNorm
-    channels, depthwise filters) to the neuron of each output channel; ``readers`` maps every Conv/Linear
+    ``writers`` maps every layer whose parameters produce channels (Conv/Linear filters, BatchNorm and
+    LayerNorm channels, depthwise filters) to the neuron of each output channel; ``readers`` maps every Conv/Linear
     to the neuron of each input feature (``-1`` for a structurally zero input).
     """
 
@@ -68,6 +69,8 @@ class DependencyGraph:
     causes: dict[str, int] = field(default_factory=dict)  # reason -> neurons it keeps (``blocked``: the first)
     # module -> neurons: its own FLOPs besides its Conv/Linear layers (attention scores) scale with their kept share
     scaled: dict[str, torch.Tensor] = field(default_factory=dict)
+    # parameter -> (dimension, neurons): its slices along that dimension write those neurons (a class token)
+    parameters: dict[str, tuple[int, torch.Tensor]] = field(default_factory=dict)
 
     def alive_from_masks(self, masks: dict[str, torch.Tensor]) -> torch.Tensor:
         """Bool per neuron, False for every neuron some gate mask marks as removed."""
@@ -187,6 +190,7 @@ def build_dependency_graph(
         neuron_of_node=dense,
         causes=causes,
         scaled={prefix + name: neurons_of(raw) for name, raw in prop.scaled.items()},
+        parameters={prefix + name: (dim, neurons_of(raw)) for name, (dim, raw) in prop.parameters.items()},
     )
     if graph.num_prunable == 0:
         reasons = Counter(blocked.values()).most_common(5)
@@ -227,7 +231,7 @@ def _kind(module: nn.Module) -> Literal["batchnorm", "conv", "linear"]:
 
 
 def _is_channelwise(use: LayerUse) -> bool:
-    return isinstance(use.module, nn.modules.batchnorm._BatchNorm) or (
+    return isinstance(use.module, (nn.modules.batchnorm._BatchNorm, KeptLayerNorm)) or (
         isinstance(use.module, nn.modules.conv._ConvNd) and use.module.groups > 1
     )
 

@@ -43,6 +43,8 @@ class Propagation:
     values: dict[fx.Node, Any] = field(default_factory=dict)  # fx node -> ChannelTag (or nested, or None)
     # module -> nodes: the module's own FLOPs (besides its Conv/Linear layers) scale with their kept share
     scaled: dict[str, torch.Tensor] = field(default_factory=dict)
+    # parameter -> (dimension, nodes): a parameter whose slices along that dimension are the nodes' channels
+    parameters: dict[str, tuple[int, torch.Tensor]] = field(default_factory=dict)
 
 
 def propagate(gm: fx.GraphModule) -> Propagation:
@@ -130,6 +132,36 @@ class ChannelWalker:
         entry = self.result.layers.setdefault(name, LayerUse(self.modules[name]))
         entry.calls += 1
         return entry
+
+    def parameter_channels(self, arg: Any, like: ChannelTag) -> ChannelTag | None:
+        """Fresh nodes for the channels of a parameter (``arg``: a ``get_attr`` node, or its ``expand``) that an
+        op meets one by one with the traced channels ``like`` (``x + pos_embed``, a class token concatenated to
+        the tokens), recorded as written by the parameter; None for anything else, or for a parameter read
+        elsewhere (its removed slices are zeroed and cut out)."""
+        attr = arg.args[0] if isinstance(arg, fx.Node) and arg.op == "call_method" and arg.target == "expand" else arg
+        if not isinstance(attr, fx.Node) or attr.op != "get_attr" or len(attr.users) != 1 or len(arg.users) != 1:
+            return None
+        target, shape = str(attr.target), tensor_shape(arg)
+        try:
+            param = self.gm.get_parameter(target)
+        except AttributeError:
+            return None
+        owner = target.rpartition(".")[0] + "."
+        for other in self.gm.graph.nodes:
+            if (other.op == "get_attr" and other is not attr and other.target == target) or (
+                other.op == "call_module" and owner.startswith(f"{other.target}.")
+            ):
+                return None
+        dim = like.dim - (like.ndim - param.dim())  # dimensions line up from the right
+        if shape is None or len(shape) != like.ndim or shape[like.dim] != like.size or dim < 0:
+            return None
+        if param.shape[dim] != like.size:
+            return None
+        nodes = self.nodes.fresh(like.size)
+        self.result.parameters[target] = (dim, nodes)
+        self.env[attr] = ChannelTag(nodes, dim, param.dim())
+        self.env[arg] = ChannelTag(nodes, like.dim, like.ndim)
+        return self.env[arg]
 
     # -- dispatch ----------------------------------------------------------------------------------------
     def visit(self, node: fx.Node) -> Any:

@@ -109,11 +109,17 @@ class NonZeroAtZero(OpRule):
     operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub, "add", "add_", "sub", "sub_"
 )
 class Add(OpRule):
-    """A residual connection: the channels of the two operands are tied one by one."""
+    """A residual connection: the channels of the two operands are tied one by one. A parameter added to the
+    channels one by one (a position embedding) is tied to them, as a writer of their neurons."""
 
     def propagate(self, walker, node):
         operands = [walker.value(a) for a in node.args[:2]]
         tags = [t for t in operands if isinstance(t, ChannelTag)]
+        if len(tags) == 1 and len(operands) == 2:
+            traced = 0 if isinstance(operands[0], ChannelTag) else 1
+            if tensor_shape(node) == tensor_shape(node.args[traced]):
+                param = walker.parameter_channels(node.args[1 - traced], tags[0])
+                tags += [param] if param is not None else []
         if len(tags) == 2 and tags[0].aligned(tags[1]):
             walker.nodes.union(tags[0].nodes, tags[1].nodes, residual=True)
             merged = torch.where(tags[0].nodes == ZERO, tags[1].nodes, tags[0].nodes)

@@ -2,8 +2,9 @@
 them through. In the compact network their weights are sliced to the kept channels. Linear acts on the last
 dimension of a tensor of any rank (channels-last blocks, transformers), a 1x1 convolution there.
 
-LayerNorm and GroupNorm over the channels keep the channels that flow through them (see :class:`Normalization`);
-attention is in :mod:`.attention`."""
+A LayerNorm over the channels (last dimension) becomes a :class:`KeptLayerNorm`, whose statistics leave out the
+removed channels: its channels are prunable. GroupNorm, and LayerNorm subclasses with their own forward, keep the
+channels that flow through them (see :class:`Normalization`); attention is in :mod:`.attention`."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from lightning_prune.dependency.channels import ChannelTag
+from lightning_prune.dependency.channels import ZERO, ChannelTag
 from lightning_prune.ops.registry import OpRule, register_op_rule
 
 
@@ -129,20 +130,69 @@ class BatchNorm(OpRule):
         return builder.copy(node, (builder.at(x, out_kept),), {})
 
 
-@register_op_rule(nn.LayerNorm, nn.GroupNorm, F.layer_norm, F.group_norm)
+class KeptLayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` over the last dimension whose mean and variance cover only the channels ``kept`` marks
+    (a bool per channel, a non-persistent buffer; None: all of them, exactly ``nn.LayerNorm``). Any other channel
+    outputs ``0 * weight + bias``, which the masks zero: the masked network computes what the compact one, a
+    LayerNorm over the kept channels only, does."""
+
+    prepared_from = nn.LayerNorm
+    kept: torch.Tensor | None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kept is None:
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        idx = torch.nonzero(self.kept).flatten().to(x.device)
+        weight = self.weight[idx] if self.weight is not None else None
+        bias = self.bias[idx] if self.bias is not None else None
+        y = F.layer_norm(x.index_select(-1, idx), (idx.numel(),), weight, bias, self.eps)
+        base = torch.zeros_like(y[..., :1]).expand(x.shape) if self.bias is None else self.bias.expand(x.shape)
+        return base.to(y.dtype).index_copy(-1, idx, y)
+
+
+_TIMM_LAYER_NORM = "timm.layers.norm.LayerNorm"  # F.layer_norm, unless timm's fast norm is on
+
+
+@register_op_rule(nn.LayerNorm, nn.GroupNorm, F.layer_norm, F.group_norm, _TIMM_LAYER_NORM, KeptLayerNorm)
 class Normalization(OpRule):
     """LayerNorm or GroupNorm over the channels: every output channel depends on the statistics of all of
-    them, so a removed (zeroed) channel is not the same as a channel cut out. Their channels are kept, and
-    go through as they are; a LayerNorm over other dimensions is opaque."""
+    them, so a removed (zeroed) channel is not the same as a channel cut out. A :class:`KeptLayerNorm` (what
+    :meth:`prepare` makes of ``nn.LayerNorm`` and timm's ``LayerNorm`` over one dimension) leaves the removed
+    channels out of its statistics: channel-wise, like BatchNorm. Any other one keeps its channels, which go
+    through as they are; a LayerNorm over other dimensions is opaque."""
+
+    def prepare(self, module):
+        path = f"{type(module).__module__}.{type(module).__qualname__}"
+        plain = type(module) is nn.LayerNorm or (path == _TIMM_LAYER_NORM and not module._fast_norm)
+        if plain and len(module.normalized_shape) == 1:
+            module.__class__ = KeptLayerNorm
+            module.register_buffer("kept", None, persistent=False)
 
     def propagate(self, walker, node):
         x = _input(walker, node)
         kind = _normalizes_channels(walker, node, x) if isinstance(x, ChannelTag) else None
         if kind is None:
             return walker.opaque(node)
+        module = walker.modules[node.target] if node.op == "call_module" else None
+        plain_call = len(node.args) == 1 and not node.kwargs
+        if isinstance(module, KeptLayerNorm) and plain_call and not (x.nodes == ZERO).any():
+            use = walker.use(str(node.target))
+            use.in_nodes = use.out_nodes = x.nodes
+            return x
         reason = f"flow into {kind} {walker.where(node)}"
         walker.nodes.block(x.nodes, reason)
         return x.moved(walker.nodes.constants_for_zero(x.nodes, reason))
+
+    def compact(self, builder, node):
+        ln = builder.layer(node) if node.op == "call_module" else None
+        x = node.args[0]
+        if not isinstance(ln, KeptLayerNorm) or builder.tag(node) is not builder.tag(x):  # not channel-wise
+            return None
+        kept = builder.kept_positions(builder.tag(node))
+        if kept.numel() == 0:
+            return _removed(builder, node, ln, channelwise=True)
+        _slice_layernorm(ln, kept)
+        return builder.copy(node, (builder.at(x, kept),), {})
 
 
 def _normalizes_channels(walker, node: fx.Node, x: ChannelTag) -> str | None:
@@ -237,3 +287,12 @@ def _slice_batchnorm(bn: nn.modules.batchnorm._BatchNorm, channels: torch.Tensor
         if isinstance(value, torch.Tensor):
             setattr(bn, attr, value[channels.to(value.device)].clone())
     bn.num_features = channels.numel()
+
+
+def _slice_layernorm(ln: KeptLayerNorm, channels: torch.Tensor) -> None:
+    for attr in ("weight", "bias"):
+        value = getattr(ln, attr)
+        if isinstance(value, nn.Parameter):
+            setattr(ln, attr, _param(value[channels.to(value.device)], value))
+    ln.normalized_shape = (channels.numel(),)
+    ln.kept = None

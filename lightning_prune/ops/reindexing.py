@@ -167,12 +167,15 @@ class Reduce(OpRule):
 @register_op_rule(torch.cat, torch.concat)
 class Cat(OpRule):
     """Along the channels: the parts' channels one after the other (DenseNet); along another dimension: the
-    parts' channels are tied one by one."""
+    parts' channels are tied one by one, a parameter's too (a class token before the tokens)."""
 
     def propagate(self, walker, node):
         parts = node.args[0]
         dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
         values = [walker.value(p) for p in parts]
+        like = next((v for v in values if isinstance(v, ChannelTag)), None)
+        if like is not None and isinstance(dim, int) and dim % like.ndim != like.dim:
+            values = [walker.parameter_channels(p, like) if v is None else v for p, v in zip(parts, values)]
         if not values or not all(isinstance(v, ChannelTag) for v in values):
             return walker.opaque(node, "concatenation with an untracked tensor")
         ndim = values[0].ndim
