@@ -1,10 +1,11 @@
 """A real vision-transformer run: a small timm ViT trained on the CIFAR-10 JPEGs, then pruned to each of
-``--targets`` of its FLOPs by ``TaylorPruningCallback`` (heads and MLP neurons) while fine-tuning, and compacted;
-and, as the control, fine-tuned as long without pruning (the extra steps alone also change top-1).
+``--targets`` of its FLOPs by ``TaylorPruningCallback`` (heads, MLP neurons and the embedding) while
+fine-tuning, and compacted; and, as the control, fine-tuned as long without pruning (the extra steps alone
+also change top-1).
 
 The LightningModule is written as users write it: no ``forward``, no ``example_input_array``, ``training_step``
-calls ``self.net``. Reports the heads and MLP widths of every block before and after, top-1 on the 10,000 test
-images before and after, FLOPs (``torch.utils.flop_counter``, a multiply-add counts 2) and the measured CPU
+calls ``self.net``. Reports the heads, MLP and embedding widths of every block before and after, top-1 on the
+10,000 test images before and after, FLOPs (``torch.utils.flop_counter``, a multiply-add counts 2) and the measured CPU
 latency of the original and compact networks (eval, batch 64, median of interleaved repeats). Writes
 ``benchmarks/results/vit_cifar.json``; the trained network is cached at ``--checkpoint``.
 

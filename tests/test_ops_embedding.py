@@ -144,3 +144,35 @@ def test_callback_prunes_the_timm_vit_and_compacts_exactly(tmp_path) -> None:
     assert_compact_equals_masked(module.net, compacted, x, dtypes=(torch.float64,))
     width = compacted.get_submodule("patch_embed.proj").out_channels
     print(f"embedding width after the callback: {width} of 48")
+
+
+@pytest.mark.parametrize("family", ["torchvision", "timm"])
+def test_convnext_stream_goes_through_layer_norm_2d_and_compacts_exactly(family: str) -> None:
+    """ConvNeXt's ``LayerNorm2d`` (over dimension 1) leaves removed channels out too: stem, blocks, downsampling
+    and head share the stream's neurons."""
+    torch.manual_seed(0)
+    if family == "timm":
+        timm = pytest.importorskip("timm")
+        model = timm.create_model("convnext_atto", num_classes=10)
+    else:
+        from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+        model = ConvNeXt([CNBlockConfig(16, 32, 1), CNBlockConfig(32, None, 1)], num_classes=10)
+    model = model.double().eval()
+    with torch.no_grad():  # layer scale and head away from their tiny initial values: the output shows the stream
+        for name, param in model.named_parameters():
+            if "layer_scale" in name or name.endswith("gamma"):
+                param.fill_(1.0)
+        list(model.modules())[-1].weight.normal_()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    graph = build_dependency_graph(model, x)
+    assert "LayerNorm" not in graph.describe(causes=100)
+    stem = next(name for name in graph.gates if graph.modules[name].__class__ is nn.Conv2d)  # the stem conv
+    removed = graph.writers[stem][[1, 6, 11]].tolist()
+    masks = prune_neurons(model, graph, removed)
+    compacted = compact(model, masks)
+    norms = [m for m in compacted.modules() if type(m).__name__ == "KeptLayerNorm2d"]
+    assert norms and norms[0].normalized_shape == (graph.writers[stem].numel() - 3,)
+    assert_compact_equals_masked(model, compacted, x, dtypes=(torch.float64,))
+    predicted_equals_counted(model, compacted, graph, masks, x)
+

@@ -2,9 +2,10 @@
 them through. In the compact network their weights are sliced to the kept channels. Linear acts on the last
 dimension of a tensor of any rank (channels-last blocks, transformers), a 1x1 convolution there.
 
-A LayerNorm over the channels (last dimension) becomes a :class:`KeptLayerNorm`, whose statistics leave out the
-removed channels: its channels are prunable. GroupNorm, and LayerNorm subclasses with their own forward, keep the
-channels that flow through them (see :class:`Normalization`); attention is in :mod:`.attention`."""
+A LayerNorm over the channels (the last dimension; ConvNeXt's ``LayerNorm2d``: dimension 1) becomes a
+:class:`KeptLayerNorm`, whose statistics leave out the removed channels: its channels are prunable. GroupNorm,
+and other LayerNorm subclasses with their own forward, keep the channels that flow through them (see
+:class:`Normalization`); attention is in :mod:`.attention`."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torchvision.models.convnext import LayerNorm2d
 
 from lightning_prune.dependency.channels import ZERO, ChannelTag
 from lightning_prune.ops.registry import OpRule, register_op_rule
@@ -137,6 +139,7 @@ class KeptLayerNorm(nn.LayerNorm):
     LayerNorm over the kept channels only, does."""
 
     prepared_from = nn.LayerNorm
+    channel_dim = -1
     kept: torch.Tensor | None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -150,10 +153,24 @@ class KeptLayerNorm(nn.LayerNorm):
         return base.to(y.dtype).index_copy(-1, idx, y)
 
 
+class KeptLayerNorm2d(KeptLayerNorm):
+    """ConvNeXt's ``LayerNorm2d`` (torchvision's and timm's: a LayerNorm over dimension 1 of ``(B, C, H, W)``)
+    as a :class:`KeptLayerNorm`."""
+
+    prepared_from = LayerNorm2d  # both are named LayerNorm2d: the architecture fingerprint reads the name
+    channel_dim = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
 _TIMM_LAYER_NORM = "timm.layers.norm.LayerNorm"  # F.layer_norm, unless timm's fast norm is on
+_LAYER_NORM_2D = ("torchvision.models.convnext.LayerNorm2d", "timm.layers.norm.LayerNorm2d")
 
 
-@register_op_rule(nn.LayerNorm, nn.GroupNorm, F.layer_norm, F.group_norm, _TIMM_LAYER_NORM, KeptLayerNorm)
+@register_op_rule(
+    nn.LayerNorm, nn.GroupNorm, F.layer_norm, F.group_norm, _TIMM_LAYER_NORM, KeptLayerNorm, *_LAYER_NORM_2D
+)
 class Normalization(OpRule):
     """LayerNorm or GroupNorm over the channels: every output channel depends on the statistics of all of
     them, so a removed (zeroed) channel is not the same as a channel cut out. A :class:`KeptLayerNorm` (what
@@ -163,22 +180,25 @@ class Normalization(OpRule):
 
     def prepare(self, module):
         path = f"{type(module).__module__}.{type(module).__qualname__}"
-        plain = type(module) is nn.LayerNorm or (path == _TIMM_LAYER_NORM and not module._fast_norm)
-        if plain and len(module.normalized_shape) == 1:
-            module.__class__ = KeptLayerNorm
+        fast = getattr(module, "_fast_norm", False)
+        plain = type(module) is nn.LayerNorm or (path == _TIMM_LAYER_NORM and not fast)
+        kept = KeptLayerNorm if plain else KeptLayerNorm2d if path in _LAYER_NORM_2D and not fast else None
+        if kept is not None and len(module.normalized_shape) == 1:
+            module.__class__ = kept
             module.register_buffer("kept", None, persistent=False)
 
     def propagate(self, walker, node):
         x = _input(walker, node)
-        kind = _normalizes_channels(walker, node, x) if isinstance(x, ChannelTag) else None
-        if kind is None:
-            return walker.opaque(node)
         module = walker.modules[node.target] if node.op == "call_module" else None
         plain_call = len(node.args) == 1 and not node.kwargs
-        if isinstance(module, KeptLayerNorm) and plain_call and not (x.nodes == ZERO).any():
+        if (isinstance(module, KeptLayerNorm) and isinstance(x, ChannelTag) and plain_call
+                and x.dim == module.channel_dim % x.ndim and not (x.nodes == ZERO).any()):  # fmt: skip
             use = walker.use(str(node.target))
             use.in_nodes = use.out_nodes = x.nodes
             return x
+        kind = _normalizes_channels(walker, node, x) if isinstance(x, ChannelTag) else None
+        if kind is None:
+            return walker.opaque(node)
         reason = f"flow into {kind} {walker.where(node)}"
         walker.nodes.block(x.nodes, reason)
         return x.moved(walker.nodes.constants_for_zero(x.nodes, reason))
