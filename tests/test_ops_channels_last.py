@@ -182,7 +182,7 @@ TRANSFORMERS = {
 }
 CAUSES = {  # why channels are kept: no LayerNorm (heads are neurons: test_ops_multihead_attention, _torchvision_swin)
     "vit": (),
-    "swin": ("unsupported op _patch_merging_pad (features.2)",),
+    "swin": (),
 }
 HEADS = {"vit": ("self_attention", "in_proj"), "swin": ("attn", "qkv")}  # attention modules, their q/k/v layer
 

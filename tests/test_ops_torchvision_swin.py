@@ -95,3 +95,21 @@ def test_a_compact_swin_saved_loads_into_a_fresh_torchvision_model_and_exports(t
     assert loaded.get_submodule("features.3.1.attn").num_heads == 1
     torch.testing.assert_close(loaded(x), compacted(x))
     torch.testing.assert_close(export_program(compacted, x).module()(x), compacted(x))
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["swin", "swin_v2"])
+def test_the_first_stages_embedding_goes_through_patch_merging(v2: bool) -> None:
+    """Patch merging puts each 2x2 patch's four pixels side by side: a stream channel is four channels of the
+    next stage's input, cut out of its norm and reduction layer together."""
+    torch.manual_seed(0)
+    model = torchvision_swin(v2).double().eval()
+    x = torch.randn(2, 3, 40, 40, dtype=torch.float64)
+    graph = build_dependency_graph(model, x)
+    stream = graph.writers["features.0.0"]
+    assert graph.prunable[stream].all() and torch.equal(graph.readers["features.2.reduction"], stream.repeat(4))
+    masks = prune_neurons(model, graph, stream[[1, 5, 9]].tolist())
+    compacted = compact(model, masks)
+    assert compacted.get_submodule("features.2.reduction").in_features == 4 * 13
+    assert_compact_equals_masked(model, compacted, x, dtypes=(torch.float64,))
+    predicted_equals_counted(model, compacted, graph, masks, x)
+

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.swin_transformer import ShiftedWindowAttention, ShiftedWindowAttentionV2
 
+from lightning_prune.dependency.channels import ZERO, ChannelTag
 from lightning_prune.ops.attention import HeadAttention, HeadLayout
-from lightning_prune.ops.registry import register_op_rule
+from lightning_prune.ops.registry import OpRule, register_op_rule
 
 
 def window_attention(
@@ -134,3 +135,23 @@ class TorchvisionWindowAttention(HeadAttention):
         module.num_heads = num_heads
         if isinstance(module, ShiftedWindowAttentionV2):
             module.cpb_mlp[2].out_features = num_heads
+
+
+@register_op_rule("torchvision.models.swin_transformer._patch_merging_pad")
+class PatchMergingPad(OpRule):
+    """torchvision's patch merging: the four pixels of each 2x2 patch side by side on the channels, so the
+    output's channels are the input's four times over, and the function runs as it is on the kept ones."""
+
+    def propagate(self, walker, node):
+        x = walker.value(node.args[0])
+        if not isinstance(x, ChannelTag) or x.dim != x.ndim - 1 or (x.nodes == ZERO).any():
+            return walker.opaque(node)
+        return ChannelTag(x.nodes.repeat(4), x.dim, x.ndim)
+
+    def compact(self, builder, node):
+        x = node.args[0]
+        kept, width = builder.kept[x], builder.tag(x).size
+        if not torch.equal(builder.kept_positions(builder.tag(node)), torch.cat([kept + i * width for i in range(4)])):
+            return None
+        return builder.copy(node)
+
