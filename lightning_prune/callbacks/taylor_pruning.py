@@ -478,7 +478,7 @@ class TaylorPruningCallback(Callback):
         if self._measured is None or not torch.equal(self._measured[0], alive):
             figures = None
             if trainer.is_global_zero:
-                traced = self.graph.modules[min(self.graph.modules, key=len)]  # masked: full width
+                traced = self.graph.modules[self.graph.prefix]  # masked: full width
                 small = compact(traced, self.compact_masks, graph=self.graph)
                 figures = tuple(self.latency_table.measure([traced, small], self._latency_input))
             self._measured = (alive, *trainer.strategy.broadcast(figures, src=0))
@@ -884,7 +884,7 @@ class TaylorPruningCallback(Callback):
             return self.compact_model  # already the network being trained
         if self.graph is None:
             raise PruningConfigurationError("nothing to compact: the callback has not analysed the network yet")
-        traced = self.graph.modules[min(self.graph.modules, key=len)]  # modules maps prefix + name
+        traced = self.graph.modules[self.graph.prefix]
         model = traced if model is None else model
         if model is traced and not isinstance(model, pl.LightningModule):
             return compact(model, self.compact_masks, graph=self.graph)

@@ -401,16 +401,10 @@ def _device(model: nn.Module) -> torch.device:
     return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
-def _graph_prefix(graph: DependencyGraph) -> str:
-    """The prefix the graph's names carry: ``modules`` maps ``prefix + name`` for every submodule, and
-    the network itself is ``prefix + ""``, the shortest key."""
-    return min(graph.modules, key=len) if graph.modules else ""
-
-
 def _trace_spec(graph: DependencyGraph) -> dict[str, Any]:
     """How ``graph`` was traced: the prefix of its names, its user leaf modules, the shape and dtype of
     each input."""
-    prefix = _graph_prefix(graph)
+    prefix = graph.prefix
     tracer = fx.Tracer()
     nodes = graph.traced.graph.nodes
     leaves = {
@@ -455,7 +449,7 @@ class CompactBuilder:
 
     def __init__(self, model: nn.Module, graph: DependencyGraph, alive: torch.Tensor) -> None:
         self.src = graph.traced
-        prefix = _graph_prefix(graph)
+        prefix = graph.prefix
         self.readers = {name[len(prefix):]: neurons for name, neurons in graph.readers.items()}
         self.tags = graph.channel_neurons
         self.neuron_of_node = graph.neuron_of_node

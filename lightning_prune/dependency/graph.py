@@ -72,6 +72,12 @@ class DependencyGraph:
     # parameter -> (dimension, neurons): its slices along that dimension write those neurons (a class token)
     parameters: dict[str, tuple[int, torch.Tensor]] = field(default_factory=dict)
 
+    @property
+    def prefix(self) -> str:
+        """The prefix the graph's names carry: ``modules`` maps ``prefix + name`` for every submodule, and
+        the traced network itself is ``prefix + ""``, the shortest key."""
+        return min(self.modules, key=len) if self.modules else ""
+
     def alive_from_masks(self, masks: dict[str, torch.Tensor]) -> torch.Tensor:
         """Bool per neuron, False for every neuron some gate mask marks as removed."""
         alive = torch.ones(self.num_neurons, dtype=torch.bool)

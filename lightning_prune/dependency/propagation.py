@@ -19,7 +19,7 @@ import torch
 from torch import fx, nn
 
 from lightning_prune.dependency.channels import ChannelNodes, ChannelTag
-from lightning_prune.ops.registry import find_op_rule, tensor_shape
+from lightning_prune.ops.registry import find_op_rule, sole_reader, tensor_shape
 
 
 @dataclass
@@ -139,19 +139,13 @@ class ChannelWalker:
         the tokens), recorded as written by the parameter; None for anything else, or for a parameter read
         elsewhere (its removed slices are zeroed and cut out)."""
         attr = arg.args[0] if isinstance(arg, fx.Node) and arg.op == "call_method" and arg.target == "expand" else arg
-        if not isinstance(attr, fx.Node) or attr.op != "get_attr" or len(attr.users) != 1 or len(arg.users) != 1:
+        if not isinstance(attr, fx.Node) or not sole_reader(attr) or len(arg.users) != 1:
             return None
         target, shape = str(attr.target), tensor_shape(arg)
         try:
             param = self.gm.get_parameter(target)
         except AttributeError:
             return None
-        owner = target.rpartition(".")[0] + "."
-        for other in self.gm.graph.nodes:
-            if (other.op == "get_attr" and other is not attr and other.target == target) or (
-                other.op == "call_module" and owner.startswith(f"{other.target}.")
-            ):
-                return None
         dim = like.dim - (like.ndim - param.dim())  # dimensions line up from the right
         if shape is None or len(shape) != like.ndim or shape[like.dim] != like.size or dim < 0:
             return None

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from lightning_prune.dependency.channels import ZERO, ChannelTag
-from lightning_prune.ops.registry import OpRule, register_op_rule, tensor_shape
+from lightning_prune.ops.registry import OpRule, register_op_rule, sole_reader, tensor_shape
 
 _CHANNELWISE_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish,
@@ -222,14 +222,9 @@ def _compact_scale(builder, node: fx.Node) -> fx.Node | None:
 def _slice_attribute(builder, scale: fx.Node, dim: int, kept: torch.Tensor) -> bool:
     """Slice the parameter or buffer a ``get_attr`` node reads in the compact model, when nothing else
     reads it (no other node, no module called as a whole)."""
-    if scale.op != "get_attr" or len(scale.users) != 1:
+    if not sole_reader(scale):
         return False
-    target = str(scale.target)
-    owner_name, _, attr = target.rpartition(".")
-    for other in builder.src.graph.nodes:
-        within = other.op == "call_module" and (owner_name + ".").startswith(str(other.target) + ".")
-        if within or (other.op == "get_attr" and other is not scale and other.target == target):
-            return False
+    owner_name, _, attr = str(scale.target).rpartition(".")
     owner = builder.root.get_submodule(owner_name)
     value = getattr(owner, attr)
     sliced = value.detach().index_select(dim, kept.to(value.device)).clone()

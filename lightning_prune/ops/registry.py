@@ -120,6 +120,20 @@ def tensor_shape(node: Any) -> tuple[int, ...] | None:
     return tuple(shape) if shape is not None else None
 
 
+def sole_reader(node: fx.Node) -> bool:
+    """Whether the ``get_attr`` ``node`` is all that reads its attribute in its graph, once: no other
+    ``get_attr`` of it, no module called as a whole that holds it, a single user."""
+    if node.op != "get_attr" or len(node.users) != 1:
+        return False
+    target = str(node.target)
+    owner = target.rpartition(".")[0] + "."
+    return not any(
+        (other.op == "get_attr" and other is not node and other.target == target)
+        or (other.op == "call_module" and owner.startswith(f"{other.target}."))
+        for other in node.graph.nodes
+    )
+
+
 def _table(target: Any) -> dict[Any, OpRule]:
     if isinstance(target, str):
         return _PATHS if "." in target else _METHODS

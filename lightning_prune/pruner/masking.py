@@ -37,10 +37,10 @@ class NeuronMasks:
             rows = torch.nonzero(removed).flatten()
             for attr in ("weight", "bias", "running_mean") if rows.numel() else ():
                 self._add(module, attr, 0, rows)
-        prefix = min(self.graph.modules, key=len)  # the network's own name: parameters are named from it
+        prefix = self.graph.prefix  # parameters are named from the traced network
         for name, (dim, neurons) in self.graph.parameters.items():
             owner, _, attr = name[len(prefix):].rpartition(".")
-            module = self.graph.modules[prefix + owner] if owner else self.graph.modules[prefix]
+            module = self.graph.modules[prefix + owner]
             rows = torch.nonzero(padded[neurons]).flatten()
             if rows.numel():
                 self._add(module, attr, dim, rows)
