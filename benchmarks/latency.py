@@ -17,9 +17,11 @@ re-estimated on the masked network after each step, removed neurons zeroed) and 
   at the target. One network per batch size (the table is per batch size). With ``--calibrate`` the
   table is first calibrated (``LatencyTable.calibrated``) on the measured full network and one
   compacted to half width, and the budget is a fraction of the measured full latency.
-  Then, as the callback's ``latency_feedback`` (``--feedback`` rounds, 0: none): the compact network and the
-  masked full-width one are timed in turn; more than 2% above the target, the table is calibrated on
-  both and one more step removes neurons under it.
+  Then, as the callback's ``latency_feedback`` (``--feedback`` rounds, 0: none): after each step whose
+  prediction falls halfway from the last calibration to the target, the compact network and the masked
+  full-width one are timed in turn and the table is calibrated on both; after the last step they are timed
+  again and, more than 2% above the target, the table is calibrated on both and one more step removes
+  neurons under it.
 
 Each compacted network is measured: eager latency (median of ``--repeats`` runs after warm-up, in
 ``torch.inference_mode``), the same after ``torch.jit.optimize_for_inference(torch.jit.script(model))``
@@ -30,6 +32,9 @@ batch sizes, each latency arm's at its own. The full network is measured before 
 one are timed in turn ``--rounds`` (5) times and the median of the rounds' ratios is reported, so that a
 change of the machine's load during the run does not enter them. ``speedup / flops reduction`` = (full
 latency / latency) / (full FLOPs / FLOPs).
+
+``--channels-last``: the networks, their inputs and the table in ``torch.channels_last`` (rows marked
+``"memory_format": "channels_last"``); on this CPU oneDNN runs narrow convolutions faster so.
 
 ``--check`` instead compares the table's prediction with the measured latency of compacted networks
 at random widths (every gated layer keeps a uniform random fraction in [0.25, 1] of its channels).
@@ -76,6 +81,7 @@ class Net:
         self.size = 32 if name == "resnet56" else 224
         self.example = torch.zeros(1, 3, self.size, self.size)
         self.width_step = args.width_step or (8 if name == "resnet56" else 32)
+        self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
         self._batches: list[Any] | None = None
         self._test = None
 
@@ -112,6 +118,19 @@ class Net:
             self._test = load_cifar10_jpeg_subset(cifar10_jpeg_archive(), "test", per_class=200)
         return round(top1(model, self._test), 2)
 
+    @property
+    def format_key(self) -> dict[str, str]:
+        """What a row records of the memory format: nothing for the default (rows of earlier runs match)."""
+        return {"memory_format": "channels_last"} if self.args.channels_last else {}
+
+    def input(self, batch: int) -> torch.Tensor:
+        """A random batch in the benchmark's memory format."""
+        return torch.randn(batch, 3, self.size, self.size).contiguous(memory_format=self.memory_format)
+
+    def place(self, model: nn.Module) -> nn.Module:
+        """``model`` in eval mode and the benchmark's memory format (in place)."""
+        return model.eval().to(memory_format=self.memory_format)
+
     def repeats(self, batch: int) -> int:
         if self.name == "resnet50" and batch > 8:
             return self.args.r50_repeats_large
@@ -120,8 +139,8 @@ class Net:
     def table(self, model: nn.Module, graph, batch: int) -> LatencyTable:
         start = time.perf_counter()
         table = LatencyTable.build(model, self.example, graph, batch_size=batch, width_step=self.width_step,
-                                   warmup=2, repeats=min(self.repeats(batch), 10), cache_dir=self.args.cache_dir,
-                                   progress=True)  # fmt: skip
+                                   memory_format=self.memory_format, warmup=2, repeats=min(self.repeats(batch), 10),
+                                   cache_dir=self.args.cache_dir, progress=True)  # fmt: skip
         print(f"  table {self.name} batch {batch}: {table.measurements} timings taken "
               f"({time.perf_counter() - start:.0f} s)", flush=True)  # fmt: skip
         return table
@@ -160,9 +179,9 @@ def flops(model: nn.Module, size: int) -> float:
 
 def measure(model: nn.Module, net: Net, batch: int) -> dict[str, Any]:
     """Eager and ``optimize_for_inference`` latency at ``batch`` (seconds)."""
-    x = torch.randn(batch, 3, net.size, net.size)
+    x = net.input(batch)
     repeats = net.repeats(batch)
-    result: dict[str, Any] = {"eager": median_seconds(model.eval(), x, repeats)}
+    result: dict[str, Any] = {"eager": median_seconds(net.place(model), x, repeats)}
     optimized, error = jit_optimized(model, x)
     result["jit"] = median_seconds(optimized, x, repeats) if optimized is not None else None
     if error is not None:
@@ -174,11 +193,11 @@ def paired_ratios(model: nn.Module, base: nn.Module, net: Net, batch: int) -> di
     """Latency of ``model`` over that of the full network ``base``, eager and ``optimize_for_inference``: both
     timed in turn ``--rounds`` times, the median of the rounds' ratios (a change of the machine's load
     between the rounds affects both alike)."""
-    x = torch.randn(batch, 3, net.size, net.size)
+    x, model, base = net.input(batch), net.place(model), net.place(base)
     repeats = net.repeats(batch)
     ratios: dict[str, float | None] = {}
     for mode in ("eager", "jit"):
-        pair = [model.eval(), base.eval()] if mode == "eager" else [jit_optimized(m, x)[0] for m in (model, base)]
+        pair = [model, base] if mode == "eager" else [jit_optimized(m, x)[0] for m in (model, base)]
         if any(m is None for m in pair):
             ratios[mode] = None
             continue
@@ -199,6 +218,7 @@ def iterative_prune(net: Net, arm: str, target: float, table: LatencyTable | Non
     selector = NeuronSelector(graph)
     latency_selector = LatencySelector(graph, table) if arm == "latency" else None
     full_predicted = table.predict(alive) if table is not None else None
+    info: dict[str, Any] = {}
     steps = net.args.steps
     for step in range(1, steps + 1):
         fraction = 1 - (1 - target) * step / steps
@@ -219,15 +239,33 @@ def iterative_prune(net: Net, arm: str, target: float, table: LatencyTable | Non
         else:
             alive = latency_selector.select(torch.nan_to_num(scores, nan=0.0), alive, fraction * full_predicted)
         apply_alive(graph, alive)
-    info = {}
+        approach = info.setdefault("approach_measured_ratios", []) if arm == "latency" else []
+        halfway = target + (1 - target) / 2 ** (len(approach) + 1)  # from the last calibration to the target
+        if arm == "latency" and len(approach) < net.args.feedback \
+                and target < table.predict(alive) / full_predicted <= halfway:  # fmt: skip
+            table, ratio = calibrate_on(net, model, graph, alive, table)
+            approach.append(ratio)
+            latency_selector, full_predicted = LatencySelector(graph, table), table.predict(torch.ones_like(alive))
     if arm == "latency" and net.args.feedback:
-        alive, table, info = feedback(net, model, graph, alive, table, target)
+        alive, table, more = feedback(net, model, graph, alive, table, target)
+        info.update(more)
         full_predicted = table.predict(torch.ones_like(alive))
     compacted = compact(model, masks_from_alive(graph, alive), graph=graph).eval()
     info["flops_model_ratio"] = round(cost.flops(alive) / full_flops, 4)
     if table is not None:
         info["predicted_latency_ratio"] = round(table.predict(alive) / full_predicted, 4)
     return compacted, info
+
+
+def calibrate_on(net: Net, model: nn.Module, graph, alive: torch.Tensor,
+                 table: LatencyTable) -> tuple[LatencyTable, float]:  # fmt: skip
+    """The callback's calibration on the way: ``table`` calibrated on the compact network at ``alive`` and the
+    masked full-width one, timed in turn; and their measured ratio."""
+    small = compact(model, masks_from_alive(graph, alive), graph=graph).eval()
+    full_s, small_s = table.measure([model, small], net.example, repeats=net.repeats(table.env["batch"]))
+    print(f"  on the way {net.name} batch {table.env['batch']}: measured ratio {small_s / full_s:.4f}, predicted "
+          f"{table.predict(alive) / table.predict(torch.ones_like(alive)):.4f}", flush=True)  # fmt: skip
+    return table.calibrated(alive, small_s, full_s), round(small_s / full_s, 4)
 
 
 def feedback(net: Net, model: nn.Module, graph, alive: torch.Tensor, table: LatencyTable,
@@ -276,7 +314,7 @@ def calibrate(net: Net, model: nn.Module, graph, table: LatencyTable, batch: int
     """``table`` calibrated on the full network (``full_ms`` measured) and one compacted at half width."""
     half = random_alive(graph, torch.Generator().manual_seed(12345), 0.5, 0.5)
     compacted = compact(model, masks_from_alive(graph, half), graph=graph).eval()
-    measured = median_seconds(compacted, torch.randn(batch, 3, net.size, net.size), net.repeats(batch))
+    measured = median_seconds(net.place(compacted), net.input(batch), net.repeats(batch))
     calibrated = table.calibrated(half, measured, full_ms / 1e3)
     print(f"  calibration {net.name} batch {batch}: {calibrated.env['calibration']} (half width: predicted "
           f"{1e3 * table.predict(half):.2f} ms, measured {1e3 * measured:.2f} ms)", flush=True)  # fmt: skip
@@ -290,17 +328,17 @@ def check(net: Net, batch: int, masks: int) -> list[dict]:
     graph = build_dependency_graph(model, net.example)
     table = net.table(model, graph, batch)
     full = torch.ones(graph.num_neurons, dtype=torch.bool)
-    x = torch.randn(batch, 3, net.size, net.size)
-    full_ms = 1e3 * median_seconds(model, x, net.repeats(batch))
+    x = net.input(batch)
+    full_ms = 1e3 * median_seconds(net.place(model), x, net.repeats(batch))
     calibrated = calibrate(net, model, graph, table, batch, full_ms)
     generator = torch.Generator().manual_seed(batch)
     rows = []
     for index in range(masks + 1):
         alive = full if index == 0 else random_alive(graph, generator)
         compacted = compact(model, masks_from_alive(graph, alive), graph=graph).eval()
-        measured = full_ms / 1e3 if index == 0 else median_seconds(compacted, x, net.repeats(batch))
+        measured = full_ms / 1e3 if index == 0 else median_seconds(net.place(compacted), x, net.repeats(batch))
         predicted, fitted = table.predict(alive), calibrated.predict(alive)
-        row = {"kind": "check", "net": net.name, "batch": batch, "mask": index,
+        row = {"kind": "check", "net": net.name, "batch": batch, "mask": index, **net.format_key,
                "flops_ratio": round(flops(compacted, net.size) / flops(model, net.size), 4),
                "measured_ms": round(1e3 * measured, 3), "predicted_ms": round(1e3 * predicted, 3),
                "predicted_over_measured": round(predicted / measured, 3),
@@ -340,6 +378,7 @@ def bench(net: Net, batches: list[int], targets: list[float]) -> list[dict]:
             latency = measure(model, net, batch)
             paired = paired_ratios(model, base, net, batch)
             rows.append({"kind": "bench", "net": net.name, "arm": arm, "target": target, "batch": batch,
+                         **net.format_key,
                          "flops_ratio": round(model_flops / base_flops, 4), **info,
                          "eager_ms": round(1e3 * latency["eager"], 3),
                          "jit_ms": None if latency["jit"] is None else round(1e3 * latency["jit"], 3),
@@ -352,7 +391,7 @@ def bench(net: Net, batches: list[int], targets: list[float]) -> list[dict]:
     for b in batches:
         full = {mode: statistics.mean([reference[b][mode], again[b][mode]]) if reference[b][mode] else None
                 for mode in ("eager", "jit")}  # fmt: skip
-        rows.insert(0, {"kind": "bench", "net": net.name, "arm": "full", "target": 1.0, "batch": b,
+        rows.insert(0, {"kind": "bench", "net": net.name, "arm": "full", "target": 1.0, "batch": b, **net.format_key,
                         "flops_ratio": 1.0, "eager_ms": round(1e3 * full["eager"], 3),
                         "eager_ms_before_after": [round(1e3 * reference[b]["eager"], 3),
                                                   round(1e3 * again[b]["eager"], 3)],
@@ -360,7 +399,7 @@ def bench(net: Net, batches: list[int], targets: list[float]) -> list[dict]:
                         "top1": base_top1, "predicted_full_ms": round(1e3 * tables[b].predict(
                             torch.ones(graph.num_neurons, dtype=torch.bool)), 3)})  # fmt: skip
     for row in rows:
-        full = next(r for r in rows if r["arm"] == "full" and r["batch"] == row["batch"])
+        full = next(r for r in rows if r["arm"] == "full" and r["batch"] == row["batch"])  # same format
         for mode in ("eager", "jit"):
             if row[f"{mode}_ms"] and full[f"{mode}_ms"]:
                 ratio = row.get(f"{mode}_latency_ratio_paired") or row[f"{mode}_ms"] / full[f"{mode}_ms"]
@@ -380,6 +419,7 @@ def markdown(row: dict) -> str:
         return "–" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
     arm = row["arm"] + (" (calibrated)" if row.get("calibrated") else "")
+    arm += ", channels_last" if row.get("memory_format") else ""
     return (f"| {row['net']} | {arm} | {row['target']} | {row['batch']} | {f('flops_ratio')} | "
             f"{f('predicted_latency_ratio')} | {f('eager_latency_ratio')} | "
             f"{f('eager_speedup_over_flops_reduction', 2)} | {f('jit_latency_ratio')} | "
@@ -390,7 +430,8 @@ def save(path: Path, rows: list[dict], args: argparse.Namespace) -> None:
     """Merge ``rows`` into the JSON: rows of the same kind, network, arm, target and batch are replaced."""
 
     def key(r: dict) -> tuple:
-        return (r["kind"], r["net"], r.get("arm"), r.get("target"), r["batch"], r.get("mask"), r.get("calibrated"))
+        return (r["kind"], r["net"], r.get("arm"), r.get("target"), r["batch"], r.get("mask"), r.get("calibrated"),
+                r.get("memory_format"))
 
     previous = json.loads(path.read_text())["rows"] if path.is_file() else []
     keys = {key(r) for r in rows}
@@ -424,6 +465,8 @@ def main() -> None:
     parser.add_argument("--feedback", type=int, default=3,
                         help="latency arm: measured-latency feedback rounds, as the callback's latency_feedback")
     parser.add_argument("--rounds", type=int, default=5, help="paired rounds of each network and the full one")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="networks, inputs and the table in torch.channels_last (default: contiguous)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache-dir", type=Path, default=None)
     parser.add_argument("--check", action="store_true", help="predicted against measured latency only")

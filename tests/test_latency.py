@@ -14,7 +14,8 @@ from torch import nn
 
 import lightning_prune.latency.table as table_module
 from helpers import SmallCNN, synthetic_time
-from lightning_prune import LatencySelector, LatencyTable, build_dependency_graph
+from lightning_prune import LatencySelector, LatencyTable, build_dependency_graph, compact
+from lightning_prune.compaction import masks_from_alive
 from lightning_prune.latency.selection import _knapsack
 from lightning_prune.models import cifar_resnet20
 from lightning_prune.pruner.selection import NeuronSelector
@@ -32,7 +33,9 @@ def test_cache_key_and_reuse(tmp_path, monkeypatch, counted):
     data = json.loads(path.read_text())
     assert data["env"] == table.env and table.env["batch"] == 4 and table.env["dtype"] == "torch.float32"
     assert set(table.env) == {"device", "torch", "threads", "batch", "dtype", "memory_format"}
-    assert table.measurements == len(counted) == sum(map(len, data["layers"].values())) + 1  # + the network
+    # + the network at full and at half width, timed in turn 3 times
+    assert table.measurements == len(counted) - 4 == sum(map(len, data["layers"].values())) + 2
+    assert [type(m) is SmallCNN for m in counted[-6:]] == [True, False] * 3
     # again: everything from the cache
     counted.clear()
     again = LatencyTable.build(SmallCNN(), x, batch_size=4, progress=False)
@@ -40,7 +43,7 @@ def test_cache_key_and_reuse(tmp_path, monkeypatch, counted):
     # another network sharing the layer shapes but the last: only that layer (at its 3 input widths) and
     # the network are measured
     other = LatencyTable.build(SmallCNN(num_classes=7), x, batch_size=4, progress=False)
-    assert [type(m) for m in counted] == [nn.Linear] * 3 + [SmallCNN]
+    assert [type(m) for m in counted[:4]] == [nn.Linear] * 3 + [SmallCNN] and len(counted) == 3 + 6
     assert seconds(other)["conv2"] == seconds(table)["conv2"]
     # another batch size: another file
     LatencyTable.build(SmallCNN(), x, batch_size=2, progress=False)
@@ -66,6 +69,53 @@ def test_model_is_exact_at_measured_points(tmp_path, counted):
     total = sum(layer.full for layer in table.layers.values())
     assert table.rest == pytest.approx(1e-3 - total) and table.predict(alive) == pytest.approx(1e-3)
     assert pickle.loads(pickle.dumps(table)).predict(alive) == table.predict(alive)  # broadcast under DDP
+
+
+class Stream(nn.Module):
+    """A residual stream of 1x1 conv-BN blocks, each added to the stream and followed by a ReLU, then pooled:
+    the additions, the ReLUs and the pooling write as many elements per channel as the blocks."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 1), nn.BatchNorm2d(width), nn.ReLU())
+        self.convs = nn.ModuleList([nn.Conv2d(width, width, 1) for _ in range(3)])
+        self.bns = nn.ModuleList([nn.BatchNorm2d(width) for _ in range(3)])
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for conv, bn in zip(self.convs, self.bns):
+            x = F.relu(x + bn(conv(x)))
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("alone", [1.0, 1.5])
+def test_the_rest_of_the_network_shrinks_with_the_activations_it_writes(tmp_path, layered, monkeypatch, alone):
+    """Residual additions, the ReLUs after them and the pooling write fewer elements when the stream loses
+    channels. Fitted through the network at full and at half width, the table predicts that; a constant
+    rest of the network would not. With ``alone`` 1.5 a layer timed alone takes 1.5 times what it takes
+    inside the network: the fit scales the layers back."""
+    layered.per_element = 1e-9  # every op but a Conv/Linear costs 1 ns per element it writes
+    inside = table_module._time
+    monkeypatch.setattr(table_module, "_time", lambda module, *args: inside(module, *args) * (
+        alone if isinstance(module, (table_module._Unit, nn.Conv2d, nn.Linear)) else 1.0))
+    model, x = Stream(), torch.randn(2, 3, 16, 16)
+    graph = build_dependency_graph(model, x)
+    table = LatencyTable.build(model, x, graph, cache_dir=tmp_path, width_step=4, progress=False)
+    stream = graph.gates["stem.1"].neurons
+    assert table.volume[stream].sum() > 0.99 and table.rest_scaled > 10 * table.rest
+    unit = table_module._Unit(nn.Conv2d(16, 16, 1), nn.BatchNorm2d(16))  # what it costs inside the network
+    assert table.layers["convs.0"].full == pytest.approx(synthetic_time(unit, (torch.empty(2, 16, 16, 16),), {}, 0, 0),
+                                                         rel=0.02)  # fmt: skip
+    for keep in (12, 8, 4):
+        alive = torch.ones(graph.num_neurons, dtype=torch.bool)
+        alive[stream[keep:]] = False
+        compacted = compact(model, masks_from_alive(graph, alive), graph=graph)
+        (measured,) = table.measure([compacted], x, rounds=1)
+        predicted = table.predict(alive)
+        constant = predicted - table.rest_seconds(alive) + table.rest + table.rest_scaled
+        assert predicted == pytest.approx(measured, rel=0.03), keep  # (the layers' separable model errs too)
+        assert constant - measured > 5 * abs(predicted - measured), keep
 
 
 @pytest.fixture
@@ -257,20 +307,26 @@ class ThreeGroups(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
-@pytest.mark.parametrize("width_step", [1, 2])
-def test_selection_is_the_brute_force_optimum(tmp_path, monkeypatch, width_step):
+@pytest.mark.parametrize("width_step, rest_ms", [(1, 0.0), (2, 0.0), (1, 1.0)])
+def test_selection_is_the_brute_force_optimum(tmp_path, monkeypatch, width_step, rest_ms):
     """Latency of a layer here depends on its output width only (as its kernel size says), so the three
-    groups are independent and the knapsack is exact."""
+    groups are independent and the knapsack is exact; with ``rest_ms`` the mean over the last layer's
+    output costs that much per channel, which the table fits and the knapsack counts."""
     curves = {3: [1, 2, 4, 5], 1: [3, 3, 4, 9], 5: [2, 6, 7, 8]}  # ms at output widths 1..4
-    monkeypatch.setattr(
-        table_module,
-        "_time",
-        lambda m, *rest: curves[m[0].kernel_size[0]][m[0].out_channels - 1] * 1e-3
-        if isinstance(m, table_module._Unit) else 0.0,
-    )
+
+    def timer(m, *args):
+        if isinstance(m, table_module._Unit):
+            return curves[m[0].kernel_size[0]][m[0].out_channels - 1] * 1e-3
+        convs = [c for c in m.modules() if isinstance(c, nn.Conv2d)]
+        if len(convs) < 3:  # the head alone
+            return 0.0
+        return sum(curves[c.kernel_size[0]][c.out_channels - 1] for c in convs) * 1e-3 + convs[-1].out_channels * rest_ms * 1e-3
+
+    monkeypatch.setattr(table_module, "_time", timer)
     model, x = ThreeGroups(), torch.randn(2, 3, 6, 6)
     graph = build_dependency_graph(model, x)
     table = LatencyTable.build(model, x, graph, cache_dir=tmp_path, width_step=width_step, progress=False)
+    assert table.rest_seconds(torch.ones(graph.num_neurons, dtype=torch.bool)) == pytest.approx(4 * rest_ms * 1e-3)
     neurons = torch.cat([graph.gates[f"bns.{i}"].neurons for i in range(3)])
     assert neurons.unique().numel() == 12 and graph.prunable[neurons].all()
     scores = torch.rand(graph.num_neurons, dtype=torch.float64, generator=torch.Generator().manual_seed(1))

@@ -105,10 +105,18 @@ class TaylorPruningCallback(Callback):
             :meth:`LatencyTable.build`) and sent to the other ranks.
         latency_batch_size: the batch size latency is measured at (default: the network's first input's).
         latency_width_step: the width step of the measured table (channels come off in multiples of it).
-        latency_feedback: when the predicted latency reaches the target, time the compact network and the
-            full-width one in turn (rank zero, figures sent to every rank); if the measured ratio is more
-            than 2% above the target, calibrate the table on both (:meth:`LatencyTable.calibrated`) and go on
-            pruning. At most this many times (0: trust the table).
+        latency_memory_format: the memory format the network will run in, where latency is measured
+            (``torch.channels_last`` or ``"channels_last"``: on CPUs and tensor cores often faster, and the
+            fastest widths differ).
+        latency_dtype: the dtype the network will run in (``torch.bfloat16`` or ``"bfloat16"``; default: its
+            parameters' dtype).
+        latency_feedback: measured latency corrects the table (0: trust the table). The compact network
+            and the full-width one are timed in turn (rank zero, figures sent to every rank) and the table is
+            calibrated on both (:meth:`LatencyTable.calibrated`). On the way, each time the predicted
+            latency first falls halfway from the last calibration to the target (the later steps then
+            budget with it, whether it over- or under-predicted; at most this many times); and when it
+            reaches the target, if the measured ratio is more than 2% above the target (pruning then goes
+            on; at most this many times).
         compact_round_to: keep a multiple of this many channels per layer in the compact model (e.g. 16,
             oneDNN's float32 channel block on AVX-512 CPUs, or 8 for tensor cores). The FLOPs and
             parameters logged, and ``target_flops_ratio``, then count the rounded widths: pruning goes on
@@ -147,6 +155,8 @@ class TaylorPruningCallback(Callback):
         latency_batch_size: int | None = None,
         latency_width_step: int = 8,
         latency_feedback: int = 3,
+        latency_memory_format: torch.memory_format | str = torch.contiguous_format,
+        latency_dtype: torch.dtype | str | None = None,
         pruning_steps: int | float | None = None,
         schedule: Literal["cubic", "linear"] = "cubic",
         compact_when_done: bool = False,
@@ -218,7 +228,12 @@ class TaylorPruningCallback(Callback):
         self.latency_batch_size = latency_batch_size
         self.latency_width_step = latency_width_step
         self.latency_feedback = latency_feedback
+        self.latency_memory_format = _torch_attribute(latency_memory_format, torch.memory_format,
+                                                      "latency_memory_format", "channels_last")
+        self.latency_dtype = None if latency_dtype is None else _torch_attribute(latency_dtype, torch.dtype,
+                                                                                 "latency_dtype", "bfloat16")
         self._feedback_rounds = 0
+        self._approach: list[float] = []  # measured latency ratios of the calibrations on the way
         self._measured: tuple[torch.Tensor, float, float] | None = None  # (alive, full-width s, compact s)
         self.initial_latency: float | None = None  # predicted seconds of the network before pruning
         self.measured_latency: float | None = None  # measured seconds of the compact network (rank zero's)
@@ -450,7 +465,8 @@ class TaylorPruningCallback(Callback):
             rank_zero_info("TaylorPruningCallback: measuring the latency table (cached for the next runs)...")
             parameter = next(network.parameters())
             table = LatencyTable.build(network, example, self.graph, batch_size=self.latency_batch_size,
-                                       dtype=parameter.dtype, device=parameter.device,
+                                       dtype=self.latency_dtype or parameter.dtype, device=parameter.device,
+                                       memory_format=self.latency_memory_format,
                                        width_step=self.latency_width_step)  # fmt: skip
         return trainer.strategy.broadcast(table, src=0)
 
@@ -493,16 +509,42 @@ class TaylorPruningCallback(Callback):
         full, small = self._measure_latency(trainer)
         if small <= (self.target_latency_ratio + 0.02) * full:
             return False
-        predicted = self.history[-1].latency / self.initial_latency
-        self.latency_table = self.latency_table.calibrated(self._measured[0], small, full)
-        self._latency_selector = LatencySelector(self.graph, self.latency_table, self.min_channels)
-        self.initial_latency = self.latency_table.predict(torch.ones_like(self._alive))
+        predicted = self._calibrate(full, small)
         rank_zero_info(
             f"TaylorPruningCallback: measured latency {small / full:.3f} of the full network's (predicted "
             f"{predicted:.3f}, target {self.target_latency_ratio:g}): table calibrated on the measurements, pruning "
             f"goes on (feedback {self._feedback_rounds} of {self.latency_feedback})."
         )
         return True
+
+    def _calibrate_on_the_way(self, trainer: pl.Trainer) -> None:
+        """See ``latency_feedback``: when the predicted latency falls halfway from the last calibration (at
+        first the full network) to the target, calibrate the table on the measured latency, so that the
+        remaining steps budget with it; the next calibration comes halfway from there."""
+        if self._latency_input is None or len(self._approach) >= self.latency_feedback:
+            return
+        target = self.target_latency_ratio
+        halfway = target + (1 - target) / 2 ** (len(self._approach) + 1)
+        predicted = self.latency_table.predict(self._alive) / self.initial_latency
+        if predicted > halfway or predicted <= target:  # reaching the target is checked by _latency_missed
+            return
+        full, small = self._measure_latency(trainer)
+        self._approach.append(small / full)
+        self._calibrate(full, small)
+        rank_zero_info(
+            f"TaylorPruningCallback: on the way to the latency target, measured {small / full:.3f} of the full "
+            f"network's (predicted {predicted:.3f}): table calibrated on the measurements."
+        )
+
+    def _calibrate(self, full: float, small: float) -> float:
+        """Calibrate the table through the measured seconds of the full-width and the compact network; the
+        predicted latency ratio before."""
+        assert self._measured is not None
+        predicted = self.latency_table.predict(self._measured[0]) / self.initial_latency
+        self.latency_table = self.latency_table.calibrated(self._measured[0], small, full)
+        self._latency_selector = LatencySelector(self.graph, self.latency_table, self.min_channels)
+        self.initial_latency = self.latency_table.predict(torch.ones_like(self._alive))
+        return predicted
 
     def _log_measured_latency(self, trainer: pl.Trainer) -> None:
         """With a latency target, when pruning ends: log the compact network's measured latency beside the
@@ -676,6 +718,7 @@ class TaylorPruningCallback(Callback):
             return
         if chosen.numel():
             self._remove(trainer, chosen, loss)
+            self._calibrate_on_the_way(trainer)
         if self.num_pruned >= self._target:
             self._finish(trainer, "target reached")
             return
@@ -716,8 +759,8 @@ class TaylorPruningCallback(Callback):
                 return None
             names.append("FLOPs")
             parts.append(f"{ratio:.3f} <= {self.target_flops_ratio}")
-        if self.target_latency_ratio is not None:
-            ratio = self.history[-1].latency / self.initial_latency
+        if self.target_latency_ratio is not None:  # the table now (calibrated perhaps since the last record)
+            ratio = self.latency_table.predict(self._alive) / self.initial_latency
             if ratio > self.target_latency_ratio:
                 return None
             names.append("latency")
@@ -938,6 +981,7 @@ class TaylorPruningCallback(Callback):
             "network_path": self._network_path,
             "latency_table": None if self._latency_selector is None else self.latency_table.state_dict(),
             "feedback_rounds": self._feedback_rounds,
+            "latency_approach": list(self._approach),
             # the teacher is the network before pruning: a resumed run must not distil from a pruned one
             "teacher": None if self._distiller is None else {k: v.cpu() for k, v in self._distiller.teacher.state_dict().items()},
         }
@@ -987,6 +1031,7 @@ class TaylorPruningCallback(Callback):
         self._steps_in_interval = state["steps_in_interval"]
         self._pruning_step = state.get("pruning_step", len(self.history))
         self._feedback_rounds = state.get("feedback_rounds", 0)
+        self._approach = list(state.get("latency_approach", []))
         self.num_pruned = state["num_pruned"]
         self.done = state["done"]
         self.stop_reason = state["stop_reason"]
@@ -1021,6 +1066,17 @@ def _pruning_step_count(pruning_steps: int | float, every: int, trainer: pl.Trai
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise PruningConfigurationError(message)
+
+
+def _torch_attribute(value: Any, kind: type, argument: str, example: str) -> Any:
+    """``value`` if it is a ``kind`` (``torch.dtype``, ``torch.memory_format``), else the ``torch`` attribute it
+    names (``"channels_last"``, ``"torch.bfloat16"``: what a Hydra config holds)."""
+    if isinstance(value, kind):
+        return value
+    resolved = getattr(torch, value.removeprefix("torch."), None) if isinstance(value, str) else None
+    _check(isinstance(resolved, kind),
+           f"{argument} must be a {kind.__module__}.{kind.__name__} or its name (e.g. {example!r}), got {value!r}")
+    return resolved
 
 
 def _has_module(pl_module: pl.LightningModule, network: str, name: str) -> bool:

@@ -26,8 +26,9 @@ class LatencySelector:
 
     Each group of gated layers sharing neurons is one item of the knapsack: keeping its ``k`` most
     important alive prunable neurons is worth the sum of their scores and costs the latency of every
-    layer reading or writing them, at widths on the table's step grid (or keeping all it has), never
-    below ``min_channels`` channels in a gated layer. A layer's latency depends on two groups (its input
+    layer reading or writing them (and of the other ops writing them, :meth:`LatencyTable.rest_seconds`),
+    at widths on the table's step grid (or keeping all it has), never below ``min_channels`` channels in
+    a gated layer. A layer's latency depends on two groups (its input
     and its output); the cost of a group's choice is the latency change of the layers it touches with
     the other groups at a reference choice (exact when one group changes). The dynamic programme over
     that cost in ``bins`` steps is solved for the largest capacity (found by ``search`` bisection steps)
@@ -126,7 +127,12 @@ class LatencySelector:
         floors = [min(self.min_channels, int(padded[g].sum())) for g in group.gates]
         layers = [self.table.layers[name] for name in group.layers]
         ref_padded = torch.cat([reference, torch.tensor([False])])
-        base = sum(layer.seconds(*layer.widths(ref_padded)) for layer in layers)
+        rest = self.table.rest_seconds  # the rest of the network shrinks with the activations it writes
+
+        def seconds(padded: torch.Tensor) -> float:
+            return sum(layer.seconds(*layer.widths(padded)) for layer in layers) + rest(padded[:-1])
+
+        base = seconds(ref_padded)
         kept, values, costs = [], [], []
         for k in range(ranked.numel() + 1):
             if (fixed.numel() + k) % self.table.width_step and k < ranked.numel():
@@ -139,7 +145,7 @@ class LatencySelector:
                 continue
             kept.append(keep)
             values.append(float(cumulative[k]))
-            costs.append(sum(layer.seconds(*layer.widths(trial)) for layer in layers) - base)
+            costs.append(seconds(trial) - base)
         return kept, np.array(values), np.array(costs)
 
 

@@ -6,6 +6,7 @@ import bisect
 import copy
 import hashlib
 import json
+import math
 import os
 import platform
 import statistics
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 from lightning_prune.compaction.compact import architecture_fingerprint
 from lightning_prune.data.cifar10_jpeg import default_cache_dir
 from lightning_prune.dependency import DependencyGraph, build_dependency_graph
+from lightning_prune.dependency.channels import ZERO, ChannelTag
 from lightning_prune.dependency.trace import as_call_args
 
 
@@ -64,20 +66,31 @@ class LayerLatency:
 @dataclass(eq=False)
 class LatencyTable:
     """Predicted latency of the network for any alive mask: the sum of its layers' latencies at the
-    widths the mask gives them, plus ``rest`` (the full network's measured latency minus the sum of its
-    layers' at full width, floored at 0: what pruning does not change). Picklable (no module inside),
-    so that one rank can build it and broadcast it to the others."""
+    widths the mask gives them, plus the rest of the network (its measured latency minus the sum of its
+    layers' at full width, floored at 0: residual additions, pooling, per-op overhead). Of the rest,
+    ``rest`` seconds stay whatever is pruned and ``rest_scaled`` seconds (at full width) shrink with the
+    activations the rest's ops write: ``volume`` is each neuron's share of them (elements of its channels
+    over all). Picklable (no module inside), so that one rank can build it and broadcast it to the others."""
 
     layers: dict[str, LayerLatency]
     rest: float
     width_step: int
     env: dict[str, Any]
     measurements: int = 0  # timings taken when this table was built (0: all from the cache)
+    rest_scaled: float = 0.0
+    volume: torch.Tensor | None = None  # float64 per neuron, summing to at most 1
 
     def predict(self, alive: torch.Tensor) -> float:
         """Predicted latency in seconds of the network compacted to ``alive`` (bool per neuron)."""
         padded = torch.cat([alive.to("cpu", torch.bool), torch.tensor([False])])
-        return self.rest + sum(layer.seconds(*layer.widths(padded)) for layer in self.layers.values())
+        return self.rest_seconds(alive) + sum(layer.seconds(*layer.widths(padded)) for layer in self.layers.values())
+
+    def rest_seconds(self, alive: torch.Tensor) -> float:
+        """Predicted seconds of the rest of the network (all but its layers) compacted to ``alive``."""
+        if self.volume is None or not self.rest_scaled:
+            return self.rest
+        removed = float(self.volume[~alive.to("cpu", torch.bool)].sum())
+        return self.rest + self.rest_scaled * (1.0 - removed)
 
     def measure(self, models: list[nn.Module], example_input: Any, rounds: int = 3, warmup: int = 3,
                 repeats: int = 10) -> list[float]:  # fmt: skip
@@ -89,14 +102,9 @@ class LatencyTable:
         args, kwargs = as_call_args(example_input)
         dtype = getattr(torch, self.env["dtype"].removeprefix("torch."))
         memory_format = getattr(torch, self.env["memory_format"].removeprefix("torch."))
-        times: list[list[float]] = [[] for _ in models]
-        for _ in range(rounds):
-            for model, record in zip(models, times):
-                device = next(model.parameters()).device
-                record.append(_time_network(model, args, kwargs, self.env["batch"], dtype, device, memory_format,
-                                            warmup, repeats))  # fmt: skip
-        first = statistics.median(times[0])
-        return [first] + [first * statistics.median(t / f for t, f in zip(record, times[0])) for record in times[1:]]
+        device = next(models[0].parameters()).device
+        return _time_in_turn(models, args, kwargs, self.env["batch"], dtype, device, memory_format, rounds, warmup,
+                             repeats)  # fmt: skip
 
     def calibrated(self, alive: torch.Tensor, measured: float, full_measured: float) -> LatencyTable:
         """A copy of the table whose prediction is the linear map ``a * predict + b`` through two measured
@@ -118,7 +126,8 @@ class LatencyTable:
             for name, layer in self.layers.items()
         }  # fmt: skip
         env = {**self.env, "calibration": {"slope": slope, "offset": offset}}
-        return LatencyTable(layers, slope * self.rest + offset, self.width_step, env, self.measurements)
+        return LatencyTable(layers, slope * self.rest + offset, self.width_step, env, self.measurements,
+                            slope * self.rest_scaled, self.volume)  # fmt: skip
 
     def state_dict(self) -> dict[str, Any]:
         """The table as plain containers and tensors: a checkpoint loads it with ``weights_only``."""
@@ -156,6 +165,13 @@ class LatencyTable:
         ``~/.cache/lightning_prune/latency``), one JSON file per device, torch version, thread count, batch
         size, dtype and memory format, keyed by layer shape (with the BatchNorm and activation timed with
         it) and widths: what is there is reused, only what is missing is measured.
+
+        The whole network is timed too, at full width and compacted to half of every gated layer's
+        prunable channels, in turn (:meth:`measure`): the rest of the network (all but the layers) is
+        fitted through both as a constant part and a part proportional to the activations its ops write
+        (they shrink with the channels of a residual stream: additions, pooling); where that cannot pass
+        through both (layers timed alone cost more, or save less, than inside the network), the layers are
+        scaled (see ``_fitted``).
         """
         graph = graph if graph is not None else build_dependency_graph(model, example_input)
         device = torch.device(device)
@@ -188,6 +204,9 @@ class LatencyTable:
             if f"{i},{o}" not in cache.layers.get(key, {})
         ]
         network_key = f"{architecture_fingerprint(model)}:{json.dumps(_shapes(args, kwargs))}"
+        volume = _rest_volume(graph, specs)
+        half = _half_width(graph)
+        probe = volume is not None and float(volume[~half].sum()) > 1e-6
         measurements = 0
         try:
             spec_of = {_key(spec): spec for spec in specs.values()}
@@ -197,10 +216,17 @@ class LatencyTable:
                     *_place(layer, (x,), {}, dtype, device, memory_format), warmup, repeats
                 )
                 measurements += 1
-            if network_key not in cache.networks:
-                cache.networks[network_key] = _time_network(model, args, kwargs, batch, dtype, device, memory_format,
-                                                            warmup, repeats)  # fmt: skip
-                measurements += 1
+            networks = {network_key: model}
+            if probe:
+                from lightning_prune.compaction.compact import compact, masks_from_alive
+
+                networks[network_key + ":half"] = compact(graph.modules[graph.prefix], masks_from_alive(graph, half),
+                                                          graph=graph)  # fmt: skip
+            if any(key not in cache.networks for key in networks):  # timed together, so that their ratio holds
+                timed = _time_in_turn(list(networks.values()), args, kwargs, batch, dtype, device, memory_format,
+                                      3 if probe else 1, warmup, repeats)  # fmt: skip
+                cache.networks.update(zip(networks, timed))
+                measurements += len(networks)
         finally:
             if measurements:
                 cache.save()
@@ -216,8 +242,40 @@ class LatencyTable:
                 out_widths=outs,
                 out_seconds=[points[f"{ins[-1]},{o}"] for o in outs],
             )
-        rest = max(0.0, cache.networks[network_key] - sum(layer.full for layer in layers.values()))
-        return cls(layers, rest, width_step, env, measurements)
+        table = cls(layers, 0.0, width_step, env, measurements)  # its layers alone
+        if not probe:
+            table.rest = max(0.0, cache.networks[network_key] - table.predict(torch.ones_like(half)))
+            return table
+        return table._fitted(volume, half, cache.networks[network_key], cache.networks[network_key + ":half"])
+
+    def _fitted(self, volume: torch.Tensor, half: torch.Tensor, full_s: float, half_s: float) -> LatencyTable:
+        """This table of layers alone (no rest) with the rest of the network fitted through the measured
+        seconds of the network at full width and compacted to ``half``: latency = ``scale`` * layers +
+        ``rest`` + ``rest_scaled`` * (1 - volume removed), all at least 0. The first of these that passes
+        through both points: the layers as timed (``scale`` 1); a rest that wholly shrinks (``rest`` 0);
+        a constant rest (``rest_scaled`` 0). Else the layers as timed and the rest through the full network,
+        shrinking as far as it may towards the half-width point."""
+        kept = 1.0 - float(volume[~half].sum())  # share of the rest's activations the half-width network writes
+        layers_full, layers_half = self.predict(torch.ones_like(half)), self.predict(half)
+        candidates = []  # (scale, rest, rest_scaled)
+        shrinking = (full_s - layers_full - half_s + layers_half) / (1.0 - kept)
+        candidates.append((1.0, full_s - layers_full - shrinking, shrinking))
+        if layers_half != kept * layers_full:
+            scale = (half_s - kept * full_s) / (layers_half - kept * layers_full)
+            candidates.append((scale, 0.0, full_s - scale * layers_full))
+        if layers_full != layers_half:
+            scale = (full_s - half_s) / (layers_full - layers_half)
+            candidates.append((scale, full_s - scale * layers_full, 0.0))
+        rest_full = max(0.0, full_s - layers_full)
+        shrinking = min(max(shrinking, 0.0), rest_full)  # none passes: the layers as timed, the rest nearest
+        fallback = (1.0, rest_full - shrinking, shrinking)
+        scale, rest, rest_scaled = next((c for c in candidates if c[0] > 0 and min(c[1:]) >= 0), fallback)
+        layers = {
+            name: replace(layer, in_seconds=[scale * s for s in layer.in_seconds],
+                          out_seconds=[scale * s for s in layer.out_seconds])
+            for name, layer in self.layers.items()
+        }  # fmt: skip
+        return replace(self, layers=layers, rest=rest, rest_scaled=rest_scaled, volume=volume)
 
     def plot(self, path: str | os.PathLike) -> None:
         """Save a figure of each layer's latency against its output width and against its input width."""
@@ -363,11 +421,7 @@ def _followers(graph: DependencyGraph) -> dict[str, dict[str, str]]:
     traced = graph.traced
 
     def module_of(node: fx.Node) -> nn.Module | None:
-        return traced.get_submodule(node.target) if node.op == "call_module" else None
-
-    def only_reader(node: fx.Node) -> fx.Node | None:
-        users = list(node.users)
-        return users[0] if len(users) == 1 and users[0].args and users[0].args[0] is node else None
+        return _module_of(traced, node)
 
     def activation(node: fx.Node | None) -> str | None:
         if node is None:
@@ -399,18 +453,75 @@ def _followers(graph: DependencyGraph) -> dict[str, dict[str, str]]:
         if name not in graph.readers or not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
             continue
         after: dict[str, str] = {}
-        last, reader = node, only_reader(node)
+        last, reader = node, _only_reader(node)
         norm = module_of(reader) if reader is not None else None
         if isinstance(norm, nn.modules.batchnorm._BatchNorm) and type(norm) in (nn.BatchNorm1d, nn.BatchNorm2d,
                                                                                 nn.BatchNorm3d):  # fmt: skip
             after["bn"] = type(norm).__name__
             last = reader
-        act = activation(only_reader(last))
+        act = activation(_only_reader(last))
         if act is not None:
             after["act"] = act
         if after:
             followers[name] = after
     return followers
+
+
+def _module_of(traced: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    return traced.get_submodule(node.target) if node.op == "call_module" else None
+
+
+def _only_reader(node: fx.Node) -> fx.Node | None:
+    """The node that alone reads ``node``, as its first argument."""
+    users = list(node.users)
+    return users[0] if len(users) == 1 and users[0].args and users[0].args[0] is node else None
+
+
+def _rest_volume(graph: DependencyGraph, specs: dict[str, dict[str, Any]]) -> torch.Tensor | None:
+    """Each neuron's share of the elements written by the ops of the network that the table does not time
+    with a layer (residual additions, the activations after them, pooling...): float64 per neuron, or
+    None when no op writes a tensor."""
+    traced, names = graph.traced, {id(m): name for name, m in graph.modules.items()}
+    timed: set[fx.Node] = set()
+    for node in traced.graph.nodes:
+        module = _module_of(traced, node)
+        spec = specs.get(names.get(id(module), "")) if module is not None else None
+        if spec is not None:  # the layer, then its BatchNorm and activation as _followers found them
+            timed.add(node)
+            for follower in ("bn", "act"):
+                if follower in spec and (node := _only_reader(node)) is not None:
+                    timed.add(node)
+    volume = torch.zeros(graph.num_neurons + 1, dtype=torch.float64)  # the last entry: channels of no neuron
+    for node in traced.graph.nodes:
+        meta = node.meta.get("tensor_meta")
+        if node.op not in ("call_module", "call_function", "call_method") or node in timed:
+            continue
+        if not hasattr(meta, "shape"):
+            continue
+        elements = float(math.prod(meta.shape))
+        tag = graph.channel_neurons.get(node)
+        if not isinstance(tag, ChannelTag) or not tag.size:
+            volume[-1] += elements
+            continue
+        raw = tag.nodes
+        neurons = torch.where(raw == ZERO, torch.full_like(raw, -1), graph.neuron_of_node[raw.clamp(min=0)])
+        volume.index_add_(0, torch.where(neurons >= 0, neurons, graph.num_neurons),
+                          torch.full((raw.numel(),), elements / raw.numel(), dtype=torch.float64))  # fmt: skip
+    total = float(volume.sum())
+    return volume[:-1] / total if total > 0 else None
+
+
+def _half_width(graph: DependencyGraph) -> torch.Tensor:
+    """Alive mask keeping the first half (rounded up) of every gated layer's prunable channels, each set of
+    tied neurons decided at its first gate."""
+    alive = torch.ones(graph.num_neurons, dtype=torch.bool)
+    decided = torch.zeros(graph.num_neurons, dtype=torch.bool)
+    for gate in graph.gates.values():
+        neurons = gate.neurons[gate.neurons >= 0]
+        neurons = neurons[graph.prunable[neurons] & ~decided[neurons]].unique()
+        alive[neurons[(neurons.numel() + 1) // 2 :]] = False
+        decided[neurons] = True
+    return alive
 
 
 def _follower_modules(spec: dict[str, Any], width: int) -> list[nn.Module]:
@@ -490,6 +601,19 @@ def _time_network(model: nn.Module, args: Any, kwargs: Any, batch: int, dtype: t
     """:func:`_time` of a copy of ``model`` on its example input repeated or cut to ``batch`` examples."""
     bargs, bkwargs = _rebatch(args, batch), {k: _rebatch([v], batch)[0] for k, v in kwargs.items()}
     return _time(*_place(copy.deepcopy(model), bargs, bkwargs, dtype, device, memory_format), warmup, repeats)
+
+
+def _time_in_turn(models: list[nn.Module], args: Any, kwargs: Any, batch: int, dtype: torch.dtype,
+                  device: torch.device, memory_format: torch.memory_format, rounds: int, warmup: int,
+                  repeats: int) -> list[float]:  # fmt: skip
+    """Seconds of each of ``models`` timed one after the other, ``rounds`` times: the first's median, each
+    other's the first's times the median of its per-round ratios to the first (see :meth:`LatencyTable.measure`)."""
+    times: list[list[float]] = [[] for _ in models]
+    for _ in range(rounds):
+        for model, record in zip(models, times):
+            record.append(_time_network(model, args, kwargs, batch, dtype, device, memory_format, warmup, repeats))
+    first = statistics.median(times[0])
+    return [first] + [first * statistics.median(t / f for t, f in zip(record, times[0])) for record in times[1:]]
 
 
 def _time(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], warmup: int, repeats: int) -> float:
