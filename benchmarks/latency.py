@@ -378,7 +378,7 @@ def bench(net: Net, batches: list[int], targets: list[float]) -> list[dict]:
             latency = measure(model, net, batch)
             paired = paired_ratios(model, base, net, batch)
             rows.append({"kind": "bench", "net": net.name, "arm": arm, "target": target, "batch": batch,
-                         **net.format_key,
+                         **net.format_key, "threads": torch.get_num_threads(),
                          "flops_ratio": round(model_flops / base_flops, 4), **info,
                          "eager_ms": round(1e3 * latency["eager"], 3),
                          "jit_ms": None if latency["jit"] is None else round(1e3 * latency["jit"], 3),
@@ -392,6 +392,7 @@ def bench(net: Net, batches: list[int], targets: list[float]) -> list[dict]:
         full = {mode: statistics.mean([reference[b][mode], again[b][mode]]) if reference[b][mode] else None
                 for mode in ("eager", "jit")}  # fmt: skip
         rows.insert(0, {"kind": "bench", "net": net.name, "arm": "full", "target": 1.0, "batch": b, **net.format_key,
+                        "threads": torch.get_num_threads(),
                         "flops_ratio": 1.0, "eager_ms": round(1e3 * full["eager"], 3),
                         "eager_ms_before_after": [round(1e3 * reference[b]["eager"], 3),
                                                   round(1e3 * again[b]["eager"], 3)],
