@@ -257,12 +257,18 @@ def iterative_prune(net: Net, arm: str, target: float, table: LatencyTable | Non
     return compacted, info
 
 
+def measured_pair(net: Net, model: nn.Module, graph, alive: torch.Tensor, table: LatencyTable) -> list[float]:
+    """Seconds of the masked full-width ``model`` and of it compacted to ``alive``, timed in turn as the
+    callback times them (``LatencyTable.measure``)."""
+    small = compact(model, masks_from_alive(graph, alive), graph=graph).eval()
+    return table.measure([model, small], net.example, repeats=net.repeats(table.env["batch"]))
+
+
 def calibrate_on(net: Net, model: nn.Module, graph, alive: torch.Tensor,
                  table: LatencyTable) -> tuple[LatencyTable, float]:  # fmt: skip
     """The callback's calibration on the way: ``table`` calibrated on the compact network at ``alive`` and the
     masked full-width one, timed in turn; and their measured ratio."""
-    small = compact(model, masks_from_alive(graph, alive), graph=graph).eval()
-    full_s, small_s = table.measure([model, small], net.example, repeats=net.repeats(table.env["batch"]))
+    full_s, small_s = measured_pair(net, model, graph, alive, table)
     print(f"  on the way {net.name} batch {table.env['batch']}: measured ratio {small_s / full_s:.4f}, predicted "
           f"{table.predict(alive) / table.predict(torch.ones_like(alive)):.4f}", flush=True)  # fmt: skip
     return table.calibrated(alive, small_s, full_s), round(small_s / full_s, 4)
@@ -277,8 +283,7 @@ def feedback(net: Net, model: nn.Module, graph, alive: torch.Tensor, table: Late
     batch = table.env["batch"]
     rounds = []
     for _ in range(net.args.feedback):
-        small = compact(model, masks_from_alive(graph, alive), graph=graph).eval()
-        full_s, small_s = table.measure([model, small], net.example, repeats=net.repeats(batch))
+        full_s, small_s = measured_pair(net, model, graph, alive, table)
         rounds.append(round(small_s / full_s, 4))
         if small_s <= (target + 0.02) * full_s:
             break

@@ -72,6 +72,11 @@ class DependencyGraph:
     # parameter -> (dimension, neurons): its slices along that dimension write those neurons (a class token)
     parameters: dict[str, tuple[int, torch.Tensor]] = field(default_factory=dict)
 
+    def neurons_of(self, raw: torch.Tensor) -> torch.Tensor:
+        """The neuron of each raw channel node id (a ``ChannelTag``'s ``nodes``); ``-1`` for a structurally
+        zero channel."""
+        return _neurons_of(self.neuron_of_node, raw)
+
     @property
     def prefix(self) -> str:
         """The prefix the graph's names carry: ``modules`` maps ``prefix + name`` for every submodule, and
@@ -141,7 +146,7 @@ def build_dependency_graph(
     dense, num_neurons = nodes.classes()
 
     def neurons_of(raw: torch.Tensor) -> torch.Tensor:
-        return torch.where(raw == ZERO, torch.full_like(raw, -1), dense[raw.clamp(min=0)])
+        return _neurons_of(dense, raw)
 
     gate_uses = _gate_uses(prop.layers, placement, nodes)
     gates = {
@@ -203,6 +208,10 @@ def build_dependency_graph(
         detail = "; ".join(f"{r} ({k} neurons)" for r, k in reasons) or "no BatchNorm, Conv or Linear layer found"
         raise UnsupportedModelError(f"no prunable layer in {type(model).__name__}: {detail}")
     return graph
+
+
+def _neurons_of(dense: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+    return torch.where(raw == ZERO, torch.full_like(raw, -1), dense[raw.clamp(min=0)])
 
 
 def module_names(model: nn.Module, names: Iterable[str], prefix: str = "", what: str = "module name") -> list[str]:

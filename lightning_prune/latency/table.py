@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from lightning_prune.compaction.compact import architecture_fingerprint
 from lightning_prune.data.cifar10_jpeg import default_cache_dir
 from lightning_prune.dependency import DependencyGraph, build_dependency_graph
-from lightning_prune.dependency.channels import ZERO, ChannelTag
+from lightning_prune.dependency.channels import ChannelTag
 from lightning_prune.dependency.trace import as_call_args
 
 
@@ -57,6 +57,11 @@ class LayerLatency:
         fin = self.in_seconds[min(bisect.bisect_left(self.in_widths, in_width), len(self.in_widths) - 1)]
         fout = self.out_seconds[min(bisect.bisect_left(self.out_widths, out_width), len(self.out_widths) - 1)]
         return fin * fout / self.full if self.full > 0 else 0.0
+
+    def scaled(self, factor: float) -> LayerLatency:
+        """The same layer with every timing multiplied by ``factor``."""
+        return replace(self, in_seconds=[factor * s for s in self.in_seconds],
+                       out_seconds=[factor * s for s in self.out_seconds])  # fmt: skip
 
     def widths(self, padded: torch.Tensor) -> tuple[int, int]:
         """(input, output) width under ``padded``: the alive mask with a last False entry for index -1."""
@@ -120,11 +125,7 @@ class LatencyTable:
             slope, offset = full_measured / p_full, 0.0
         else:
             offset = full_measured - slope * p_full
-        layers = {
-            name: replace(layer, in_seconds=[slope * s for s in layer.in_seconds],
-                          out_seconds=[slope * s for s in layer.out_seconds])
-            for name, layer in self.layers.items()
-        }  # fmt: skip
+        layers = {name: layer.scaled(slope) for name, layer in self.layers.items()}
         env = {**self.env, "calibration": {"slope": slope, "offset": offset}}
         return LatencyTable(layers, slope * self.rest + offset, self.width_step, env, self.measurements,
                             slope * self.rest_scaled, self.volume)  # fmt: skip
@@ -270,11 +271,7 @@ class LatencyTable:
         shrinking = min(max(shrinking, 0.0), rest_full)  # none passes: the layers as timed, the rest nearest
         fallback = (1.0, rest_full - shrinking, shrinking)
         scale, rest, rest_scaled = next((c for c in candidates if c[0] > 0 and min(c[1:]) >= 0), fallback)
-        layers = {
-            name: replace(layer, in_seconds=[scale * s for s in layer.in_seconds],
-                          out_seconds=[scale * s for s in layer.out_seconds])
-            for name, layer in self.layers.items()
-        }  # fmt: skip
+        layers = {name: layer.scaled(scale) for name, layer in self.layers.items()}
         return replace(self, layers=layers, rest=rest, rest_scaled=rest_scaled, volume=volume)
 
     def plot(self, path: str | os.PathLike) -> None:
@@ -503,10 +500,9 @@ def _rest_volume(graph: DependencyGraph, specs: dict[str, dict[str, Any]]) -> to
         if not isinstance(tag, ChannelTag) or not tag.size:
             volume[-1] += elements
             continue
-        raw = tag.nodes
-        neurons = torch.where(raw == ZERO, torch.full_like(raw, -1), graph.neuron_of_node[raw.clamp(min=0)])
+        neurons = graph.neurons_of(tag.nodes)
         volume.index_add_(0, torch.where(neurons >= 0, neurons, graph.num_neurons),
-                          torch.full((raw.numel(),), elements / raw.numel(), dtype=torch.float64))  # fmt: skip
+                          torch.full((tag.size,), elements / tag.size, dtype=torch.float64))  # fmt: skip
     total = float(volume.sum())
     return volume[:-1] / total if total > 0 else None
 
