@@ -349,6 +349,22 @@ def test_selection_is_the_brute_force_optimum(tmp_path, monkeypatch, width_step,
             assert table.predict(chosen) <= budget and torch.equal(chosen, best[2])
 
 
+def test_neurons_scoring_zero_stay_while_the_budget_allows(tmp_path, counted):
+    """Dead or untrained neurons score exactly 0: removing them costs no value, but a step must not remove
+    more than its budget asks (it would overshoot the schedule and the target)."""
+    model, x = cifar_resnet20(), torch.randn(2, 3, 32, 32)
+    graph = build_dependency_graph(model, x)
+    table = LatencyTable.build(model, x, graph, cache_dir=tmp_path, progress=False)
+    scores = torch.rand(graph.num_neurons, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    scores[::3] = 0.0
+    alive = torch.ones(graph.num_neurons, dtype=torch.bool)
+    selector = LatencySelector(graph, table)
+    assert torch.equal(selector.select(scores, alive, table.predict(alive)), alive)
+    chosen = selector.select(scores, alive, 0.9 * table.predict(alive))
+    assert 0.8 * table.predict(alive) < table.predict(chosen) <= 0.9 * table.predict(alive)  # 8 channels of
+    # a 16-channel stream are the smallest step here
+
+
 @pytest.mark.parametrize("ratio", [0.8, 0.5])
 def test_selection_on_resnet20_beats_greedy_at_equal_latency(tmp_path, counted, ratio):
     model, x = cifar_resnet20(), torch.randn(2, 3, 32, 32)

@@ -82,6 +82,8 @@ class LatencySelector:
         at most ``budget`` seconds. Removed neurons stay removed. When no choice tried fits the budget (it
         is below what the floors allow), the fastest one."""
         alive = alive.to("cpu", torch.bool)
+        if self.table.predict(alive) <= budget:  # nothing has to go (removed neurons cannot come back)
+            return alive
         scores = scores.to("cpu", torch.float64)
         reference = alive
         best, best_value, fastest = None, -float("inf"), (float("inf"), alive)
@@ -151,7 +153,9 @@ class LatencySelector:
 
 def _knapsack(values: list[np.ndarray], costs: list[np.ndarray], capacity: float, bins: int) -> list[int]:
     """One option per group maximising the total value with the total cost at most ``capacity``, costs
-    rounded up to ``capacity / bins`` (what is chosen always fits); the cheapest options if none fits."""
+    rounded up to ``capacity / bins`` (what is chosen always fits); the cheapest options if none fits.
+    Options are in ascending cost; of options of equal value the last is taken (neurons scoring zero
+    are kept while the budget allows)."""
     spare = capacity - sum(c.min() for c in costs)
     if spare <= 0:
         return [int(c.argmin()) for c in costs]
@@ -162,7 +166,7 @@ def _knapsack(values: list[np.ndarray], costs: list[np.ndarray], capacity: float
         weight = np.ceil((cost - cost.min()) / unit - 1e-9).astype(np.int64)
         new = np.full(bins + 1, -np.inf)
         choice = np.zeros(bins + 1, dtype=np.int64)
-        for j in np.flatnonzero(weight <= bins):
+        for j in np.flatnonzero(weight <= bins)[::-1]:  # the costliest first: a tie keeps the costlier option
             total = np.full(bins + 1, -np.inf)
             total[weight[j]:] = best[: bins + 1 - weight[j]] + value[j]
             better = total > new
