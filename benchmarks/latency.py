@@ -239,13 +239,13 @@ def iterative_prune(net: Net, arm: str, target: float, table: LatencyTable | Non
         else:
             alive = latency_selector.select(torch.nan_to_num(scores, nan=0.0), alive, fraction * full_predicted)
         apply_alive(graph, alive)
-        approach = info.setdefault("approach_measured_ratios", []) if arm == "latency" else []
-        halfway = target + (1 - target) / 2 ** (len(approach) + 1)  # from the last calibration to the target
-        if arm == "latency" and len(approach) < net.args.feedback \
-                and target < table.predict(alive) / full_predicted <= halfway:  # fmt: skip
-            table, ratio = calibrate_on(net, model, graph, alive, table)
-            approach.append(ratio)
-            latency_selector, full_predicted = LatencySelector(graph, table), table.predict(torch.ones_like(alive))
+        if arm == "latency":
+            approach = info.setdefault("approach_measured_ratios", [])
+            halfway = target + (1 - target) / 2 ** (len(approach) + 1)  # from the last calibration to the target
+            if len(approach) < net.args.feedback and target < table.predict(alive) / full_predicted <= halfway:
+                table, ratio = calibrate_on(net, model, graph, alive, table)
+                approach.append(ratio)
+                latency_selector, full_predicted = LatencySelector(graph, table), table.predict(torch.ones_like(alive))
     if arm == "latency" and net.args.feedback:
         alive, table, more = feedback(net, model, graph, alive, table, target)
         info.update(more)
