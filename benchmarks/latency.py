@@ -18,8 +18,9 @@ re-estimated on the masked network after each step, removed neurons zeroed) and 
   table is first calibrated (``LatencyTable.calibrated``) on the measured full network and one
   compacted to half width, and the budget is a fraction of the measured full latency.
   Then, as the callback's ``latency_feedback`` (``--feedback`` rounds, 0: none): after each step whose
-  prediction falls halfway from the last calibration to the target, the compact network and the masked
-  full-width one are timed in turn and the table is calibrated on both; after the last step they are timed
+  prediction falls halfway from the last measurement to the target, the compact network and the masked
+  full-width one are timed in turn and, if the compact one is faster than predicted, the table is
+  calibrated on both; after the last step they are timed
   again and, more than 2% above the target, the table is calibrated on both and one more step removes
   neurons under it.
 
@@ -241,11 +242,14 @@ def iterative_prune(net: Net, arm: str, target: float, table: LatencyTable | Non
         apply_alive(graph, alive)
         if arm == "latency":
             approach = info.setdefault("approach_measured_ratios", [])
-            halfway = target + (1 - target) / 2 ** (len(approach) + 1)  # from the last calibration to the target
-            if len(approach) < net.args.feedback and target < table.predict(alive) / full_predicted <= halfway:
-                table, ratio = calibrate_on(net, model, graph, alive, table)
+            halfway = target + (1 - target) / 2 ** (len(approach) + 1)  # from the last measurement to the target
+            predicted = table.predict(alive) / full_predicted
+            if len(approach) < net.args.feedback and target < predicted <= halfway:
+                calibrated, ratio = calibrate_on(net, model, graph, alive, table)
                 approach.append(ratio)
-                latency_selector, full_predicted = LatencySelector(graph, table), table.predict(torch.ones_like(alive))
+                if ratio < predicted:  # faster than predicted; slower is left to the feedback at the target
+                    table, latency_selector = calibrated, LatencySelector(graph, calibrated)
+                    full_predicted = table.predict(torch.ones_like(alive))
     if arm == "latency" and net.args.feedback:
         alive, table, more = feedback(net, model, graph, alive, table, target)
         info.update(more)
@@ -266,8 +270,9 @@ def measured_pair(net: Net, model: nn.Module, graph, alive: torch.Tensor, table:
 
 def calibrate_on(net: Net, model: nn.Module, graph, alive: torch.Tensor,
                  table: LatencyTable) -> tuple[LatencyTable, float]:  # fmt: skip
-    """The callback's calibration on the way: ``table`` calibrated on the compact network at ``alive`` and the
-    masked full-width one, timed in turn; and their measured ratio."""
+    """The callback's measurement on the way: ``table`` calibrated on the compact network at ``alive`` and the
+    masked full-width one, timed in turn; and their measured ratio (the caller keeps the calibration only
+    when the compact network is faster than predicted)."""
     full_s, small_s = measured_pair(net, model, graph, alive, table)
     print(f"  on the way {net.name} batch {table.env['batch']}: measured ratio {small_s / full_s:.4f}, predicted "
           f"{table.predict(alive) / table.predict(torch.ones_like(alive)):.4f}", flush=True)  # fmt: skip

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from helpers import SmallResNet, synthetic_loader, trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning_prune import PruningConfigurationError, TaylorPruningCallback
+from lightning_prune import LatencyTable, PruningConfigurationError, TaylorPruningCallback
 
 
 class UserModule(pl.LightningModule):
@@ -111,6 +111,25 @@ def test_latency_feedback_calibrates_the_table_on_the_way_and_lands_nearer_the_t
     assert cb.done and abs(small / full - 0.6) < 0.03 * 0.6, (small / full, cb.stop_reason)
     assert cb._approach and small / full not in cb._approach  # measured on the way, then at the target
     assert "calibration" in cb.latency_table.env and cb._feedback_rounds == 1
+
+
+def test_a_slow_measurement_on_the_way_does_not_make_the_later_steps_remove_more(layered, monkeypatch):
+    # the table is exact (floor 0), but a load spike slows the compact network in the first measurement
+    measure, spikes = LatencyTable.measure, [1.25]
+
+    def spiked(self, models, example_input, *args, **kwargs):
+        full, small = measure(self, models, example_input, *args, **kwargs)
+        return [full, small * (spikes.pop() if spikes else 1.0)]
+
+    monkeypatch.setattr(LatencyTable, "measure", spiked)
+    cb = TaylorPruningCallback(target_latency_ratio=0.6, prune_every_n_batches=2, pruning_steps=8)
+    _fit(cb, steps=24)
+    full, small = cb._measured[1:]
+    assert not spikes and cb._approach[0] > 0.85  # measured slow on the way (predicted <= 0.8)...
+    assert "calibration" not in cb.latency_table.env  # ...and left to the check at the target
+    # calibrated on it, the later steps removed nearly everything (0.23); the table's steps of 8 channels in
+    # layers of 16 leave the last step at 0.55
+    assert cb.done and small / full > 0.85 * 0.6, (small / full, cb._approach)
 
 
 def test_latency_feedback_prunes_on_when_the_measured_latency_is_above_the_target(layered):

@@ -113,10 +113,12 @@ class TaylorPruningCallback(Callback):
         latency_feedback: measured latency corrects the table (0: trust the table). The compact network
             and the full-width one are timed in turn (rank zero, figures sent to every rank) and the table is
             calibrated on both (:meth:`LatencyTable.calibrated`). On the way, each time the predicted
-            latency first falls halfway from the last calibration to the target (the later steps then
-            budget with it, whether it over- or under-predicted; at most this many times); and when it
-            reaches the target, if the measured ratio is more than 2% above the target (pruning then goes
-            on; at most this many times).
+            latency first falls halfway from the last measurement to the target (at most this many times),
+            if the network measures faster than predicted (the later steps would remove too much, and
+            removed neurons cannot come back; slower is left to the check at the target, so that one
+            noisy measurement cannot make every later step remove more); and when it reaches the target,
+            if the measured ratio is more than 2% above the target (pruning then goes on; at most this
+            many times).
         compact_round_to: keep a multiple of this many channels per layer in the compact model (e.g. 16,
             oneDNN's float32 channel block on AVX-512 CPUs, or 8 for tensor cores). The FLOPs and
             parameters logged, and ``target_flops_ratio``, then count the rounded widths: pruning goes on
@@ -233,7 +235,7 @@ class TaylorPruningCallback(Callback):
         self.latency_dtype = None if latency_dtype is None else _torch_attribute(latency_dtype, torch.dtype,
                                                                                  "latency_dtype", "bfloat16")
         self._feedback_rounds = 0
-        self._approach: list[float] = []  # measured latency ratios of the calibrations on the way
+        self._approach: list[float] = []  # latency ratios measured on the way
         self._measured: tuple[torch.Tensor, float, float] | None = None  # (alive, full-width s, compact s)
         self.initial_latency: float | None = None  # predicted seconds of the network before pruning
         self.measured_latency: float | None = None  # measured seconds of the compact network (rank zero's)
@@ -518,9 +520,10 @@ class TaylorPruningCallback(Callback):
         return True
 
     def _calibrate_on_the_way(self, trainer: pl.Trainer) -> None:
-        """See ``latency_feedback``: when the predicted latency falls halfway from the last calibration (at
-        first the full network) to the target, calibrate the table on the measured latency, so that the
-        remaining steps budget with it; the next calibration comes halfway from there."""
+        """See ``latency_feedback``: when the predicted latency falls halfway from the last measurement (at
+        first the full network) to the target, measure; if the network is faster than predicted, calibrate
+        the table on the measurements, so that the remaining steps do not remove too much. The next
+        measurement comes halfway from there."""
         if self._latency_input is None or len(self._approach) >= self.latency_feedback:
             return
         target = self.target_latency_ratio
@@ -530,10 +533,13 @@ class TaylorPruningCallback(Callback):
             return
         full, small = self._measure_latency(trainer)
         self._approach.append(small / full)
-        self._calibrate(full, small)
+        faster = small / full < predicted
+        if faster:
+            self._calibrate(full, small)
         rank_zero_info(
             f"TaylorPruningCallback: on the way to the latency target, measured {small / full:.3f} of the full "
-            f"network's (predicted {predicted:.3f}): table calibrated on the measurements."
+            f"network's (predicted {predicted:.3f}): "
+            + ("table calibrated on the measurements." if faster else "left to the check at the target.")
         )
 
     def _calibrate(self, full: float, small: float) -> float:
