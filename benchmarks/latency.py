@@ -45,7 +45,10 @@ at random widths (every gated layer keeps a uniform random fraction in [0.25, 1]
 
 Writes ``benchmarks/results/latency.json`` (rows merged by key) and prints a Markdown table.
 Timings on a CPU shared with other jobs: run with ``--threads 1`` (the default), since an intra-op
-thread waiting for a busy core stretches every op to a scheduler time slice.
+thread waiting for a busy core stretches every op to a scheduler time slice. Run it with glibc keeping
+freed memory (``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1000000000000 python benchmarks/latency.py
+...``; each row records ``allocator``): under the default every forward page-faults its activations in
+again, which makes timings slow and noisy (``lightning_prune.latency.allocator``).
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_prune import LatencySelector, LatencyTable, build_dependency_graph, compact, estimate_importance
 from lightning_prune.compaction import masks_from_alive
+from lightning_prune.latency.allocator import KEEP_FREED_MEMORY, cpu_allocator
 from lightning_prune.importance import apply_alive
 from lightning_prune.pruner import CostModel, NeuronSelector, fewest_reaching
 
@@ -388,7 +392,7 @@ def bench(net: Net, batches: list[int], targets: list[float]) -> list[dict]:
             latency = measure(model, net, batch)
             paired = paired_ratios(model, base, net, batch)
             rows.append({"kind": "bench", "net": net.name, "arm": arm, "target": target, "batch": batch,
-                         **net.format_key, "threads": torch.get_num_threads(),
+                         **net.format_key, "threads": torch.get_num_threads(), "allocator": cpu_allocator(),
                          "flops_ratio": round(model_flops / base_flops, 4), **info,
                          "eager_ms": round(1e3 * latency["eager"], 3),
                          "jit_ms": None if latency["jit"] is None else round(1e3 * latency["jit"], 3),
@@ -402,7 +406,7 @@ def bench(net: Net, batches: list[int], targets: list[float]) -> list[dict]:
         full = {mode: statistics.mean([reference[b][mode], again[b][mode]]) if reference[b][mode] else None
                 for mode in ("eager", "jit")}  # fmt: skip
         rows.insert(0, {"kind": "bench", "net": net.name, "arm": "full", "target": 1.0, "batch": b, **net.format_key,
-                        "threads": torch.get_num_threads(),
+                        "threads": torch.get_num_threads(), "allocator": cpu_allocator(),
                         "flops_ratio": 1.0, "eager_ms": round(1e3 * full["eager"], 3),
                         "eager_ms_before_after": [round(1e3 * reference[b]["eager"], 3),
                                                   round(1e3 * again[b]["eager"], 3)],
@@ -448,6 +452,7 @@ def save(path: Path, rows: list[dict], args: argparse.Namespace) -> None:
     keys = {key(r) for r in rows}
     load = os.getloadavg()
     meta = {"torch": torch.__version__, "machine": platform.machine(), "threads": torch.get_num_threads(),
+            "allocator": cpu_allocator(),
             "cpus": os.cpu_count(), "load_average_at_end": [round(v, 2) for v in load],
             "steps": args.steps, "repeats": args.repeats, "rounds": args.rounds, "calibrate": args.calibrate,
             "importance_batches": args.importance_batches, "r50_repeats_large": args.r50_repeats_large,
@@ -488,7 +493,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows: list[dict] = []
-    print(f"threads {torch.get_num_threads()}, load average {os.getloadavg()}", flush=True)
+    print(f"threads {torch.get_num_threads()}, allocator {cpu_allocator()}, load average {os.getloadavg()}",
+          flush=True)  # fmt: skip
+    if cpu_allocator() == "default":
+        print(f"  (under glibc's default malloc: slower, noisier timings; run with {KEEP_FREED_MEMORY})", flush=True)
     for name in args.models:
         net = Net(name, args)
         for batch in args.batches if args.check else [None]:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import pickle
+import platform
+import warnings
 
 import numpy as np
 import pytest
@@ -32,7 +35,7 @@ def test_cache_key_and_reuse(tmp_path, monkeypatch, counted):
     (path,) = (tmp_path / "latency").glob("*.json")
     data = json.loads(path.read_text())
     assert data["env"] == table.env and table.env["batch"] == 4 and table.env["dtype"] == "torch.float32"
-    assert set(table.env) == {"device", "torch", "threads", "batch", "dtype", "memory_format"}
+    assert set(table.env) == {"device", "torch", "threads", "batch", "dtype", "memory_format", "allocator"}
     # + the network at full and at half width, timed in turn 3 times
     assert table.measurements == len(counted) - 4 == sum(map(len, data["layers"].values())) + 2
     assert [type(m) is SmallCNN for m in counted[-6:]] == [True, False] * 3
@@ -48,6 +51,29 @@ def test_cache_key_and_reuse(tmp_path, monkeypatch, counted):
     # another batch size: another file
     LatencyTable.build(SmallCNN(), x, batch_size=2, progress=False)
     assert len(list((tmp_path / "latency").glob("*.json"))) == 2
+    # another allocator: another file
+    monkeypatch.setenv("MALLOC_MMAP_MAX_", "0")
+    kept = LatencyTable.build(SmallCNN(), x, batch_size=2, progress=False)
+    assert kept.env["allocator"] == "MALLOC_MMAP_MAX_=0" and kept.measurements
+    assert len(list((tmp_path / "latency").glob("*.json"))) == 3
+
+
+def test_the_cpu_allocator_is_recorded_and_glibcs_default_warned_about(tmp_path, monkeypatch, counted):
+    for name in [k for k in os.environ if k.startswith("MALLOC_")] + ["LD_PRELOAD", "GLIBC_TUNABLES"]:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(platform, "libc_ver", lambda: ("glibc", "2.36"))
+    x = torch.randn(2, 3, 16, 16)
+    with pytest.warns(UserWarning, match=r"glibc's default malloc.*MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_="):
+        table = LatencyTable.build(SmallCNN(), x, cache_dir=tmp_path, progress=False)
+    assert table.env["allocator"] == "default"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LatencyTable.build(SmallCNN(), x, cache_dir=tmp_path, progress=False)  # all from the cache: nothing timed
+        monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+        monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1:glibc.rtld.nns=2")
+        assert LatencyTable.build(SmallCNN(), x, cache_dir=tmp_path, progress=False).env["allocator"] == (
+            "libjemalloc.so.2 glibc.malloc.trim_threshold=1"
+        )
 
 
 def test_model_is_exact_at_measured_points(tmp_path, counted):

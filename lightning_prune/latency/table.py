@@ -25,6 +25,7 @@ from lightning_prune.data.cifar10_jpeg import default_cache_dir
 from lightning_prune.dependency import DependencyGraph, build_dependency_graph
 from lightning_prune.dependency.channels import ChannelTag
 from lightning_prune.dependency.trace import as_call_args
+from lightning_prune.latency.allocator import cpu_allocator, warn_if_freed_memory_is_returned
 
 
 @dataclass(eq=False)
@@ -164,8 +165,9 @@ class LatencyTable:
         ``example_input`` with ``batch_size`` examples (default: the example's). Timings are cached in
         ``cache_dir`` (default: ``$LIGHTNING_PRUNE_CACHE/latency``, else
         ``~/.cache/lightning_prune/latency``), one JSON file per device, torch version, thread count, batch
-        size, dtype and memory format, keyed by layer shape (with the BatchNorm and activation timed with
-        it) and widths: what is there is reused, only what is missing is measured.
+        size, dtype, memory format and CPU allocator (:func:`~lightning_prune.latency.allocator.cpu_allocator`;
+        glibc's default warns), keyed by layer shape (with the BatchNorm and activation timed with it) and
+        widths: what is there is reused, only what is missing is measured.
 
         The whole network is timed too, at full width and compacted to half of every gated layer's
         prunable channels, in turn (:meth:`measure`): the rest of the network (all but the layers) is
@@ -187,6 +189,7 @@ class LatencyTable:
             "batch": batch,
             "dtype": str(dtype),
             "memory_format": str(memory_format),
+            "allocator": cpu_allocator() if device.type == "cpu" else None,
         }
         cache = _Cache(Path(cache_dir) if cache_dir is not None else default_cache_dir() / "latency", env)
         grids = {}  # name -> (input widths, output widths) to measure
@@ -209,6 +212,8 @@ class LatencyTable:
         half = _half_width(graph)
         probe = volume is not None and float(volume[~half].sum()) > 1e-6
         measurements = 0
+        if todo or any(key not in cache.networks for key in (network_key, network_key + ":half")[: 1 + probe]):
+            warn_if_freed_memory_is_returned(device)
         try:
             spec_of = {_key(spec): spec for spec in specs.values()}
             for key, i, o in tqdm(todo, desc="latency table", disable=not progress or not todo, leave=False):
